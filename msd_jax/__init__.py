@@ -1,0 +1,1 @@
+"""msd-jax: MSD latent-diffusion defect detection in JAX/Flax."""

@@ -1,0 +1,12 @@
+"""Shared test setup: 8 host CPU devices for sharding tests and a persistent compilation cache."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+_CACHE = os.environ.get("MSD_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax"))
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
