@@ -26,7 +26,11 @@ def _vae(variant):
       "tiny": (8, 16, 16, 16),
       "demo": (32, 64, 64, 64),
   }[variant]
+  n = len(c.block_out_channels)
+  c.down_block_types = ("DownEncoderBlock2D",) * n
+  c.up_block_types = ("UpDecoderBlock2D",) * n
   c.norm_num_groups = {"full": 32, "small": 32, "tiny": 4, "demo": 16}[variant]
+  c.dtype = "float32"  # activations; "bfloat16" on accelerators (params stay float32)
   return c
 
 
@@ -46,8 +50,82 @@ def _unet(variant):
   c.down_block_types = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
   c.up_block_types = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
   c.cross_attention_dim = {"full": 768, "small": 256, "tiny": 24, "demo": 64}[variant]
-  c.attention_head_dim = {"full": 8, "small": 8, "tiny": 8, "demo": 8}[variant]
+  c.attention_head_dim = {"full": 8, "small": 8, "tiny": 2, "demo": 8}[variant]  # heads (diffusers' naming)
   c.norm_num_groups = {"full": 32, "small": 32, "tiny": 8, "demo": 32}[variant]
+  c.dtype = "float32"  # activations; "bfloat16" on accelerators (params stay float32)
+  c.remat = False  # recompute each resnet / transformer block in the backward pass
+  return c
+
+
+def _sgen(variant):
+  """SGEN (msd_jax/models/sgen.py): BPNet pyramid, semantic modules, SFF; the control encoder
+  copies the UNet's encoder config."""
+  c = ml_collections.ConfigDict()
+  c.use_bpnet = True  # False: DiAD's plain conv hint encoder (ControlNet conditioning embedding)
+  c.use_sff = True  # False: the control outputs go straight to the zero convs
+  c.bpnet_widths = {  # BasicBlock stage widths at strides 4, 8, 16, 32
+      "full": (64, 128, 256, 512),
+      "small": (32, 64, 128, 256),
+      "tiny": (8, 8, 16, 16),
+      "demo": (16, 32, 64, 64),
+  }[variant]
+  c.bpnet_depths = {"full": (2, 2, 2, 2), "small": (2, 2, 2, 2), "tiny": (1, 1, 1, 1),
+                    "demo": (1, 1, 1, 1)}[variant]
+  c.semantic_depth = {"full": 2, "small": 1, "tiny": 1, "demo": 1}[variant]  # refine convs per level
+  c.bpnet_norm_num_groups = {"full": 32, "small": 16, "tiny": 4, "demo": 8}[variant]  # + semantic
+  c.hint_block_out_channels = {  # plain hint encoder widths (use_bpnet=False)
+      "full": (16, 32, 96, 256),
+      "small": (16, 32, 96, 256),
+      "tiny": (4, 8, 8, 16),
+      "demo": (16, 32, 32, 64),
+  }[variant]
+  return c
+
+
+def _scorer(variant):
+  """Feature-space anomaly scorer: backbone (msd_jax.models.scorer) and map/score (msd_jax.scoring)."""
+  c = ml_collections.ConfigDict()
+  # efficientnet_lite0 | efficientnet_lite2 | resnet50 | wide_resnet50_2 | resnet_tiny
+  c.backbone = {"full": "resnet50"}.get(variant, "efficientnet_lite0")
+  c.weights = ""  # "": EfficientNet-Lite0 from its pip package; else a .pth/.safetensors/.npz/folder
+  c.layers = ("s4", "s8", "s16")  # the paper's f1-f3
+  c.map_type = "feature"  # feature (1 - cos, the paper) | pixel (|x - x_hat|, ablation)
+  c.sigma = 4.0  # Gaussian smoothing of the map, pixels
+  c.pool_size = {"full": 16, "small": 16, "tiny": 4, "demo": 8}[variant]  # image score pooling
+  c.input_pad = 0  # pixels of padding around the scorer input (multiple of the largest stride)
+  c.pad_mode = "reflect"  # reflect | symmetric | edge | constant, for input_pad
+  c.border_margin = 0  # pixels at each image edge left out of the image score
+  return c
+
+
+def _mgkd(variant):
+  """MGKD (msd_jax/models/mgkd.py): teacher, mask source, student, L_KD and the context tokens.
+  The token width is config.model.unet.cross_attention_dim; lambda is config.stages.msd.kd_weight."""
+  c = ml_collections.ConfigDict()
+  stand_in = variant != "full"
+  c.teacher = "efficientnet_lite0" if stand_in else "sam_vit_b"  # sam_vit_b | efficientnet_lite0
+  c.mask_source = "slic" if stand_in else "sam"  # sam | slic
+  c.sam = ml_collections.ConfigDict()
+  c.sam.model = "tiny" if variant == "tiny" else "vit_b"  # msd_jax.models.sam.CONFIGS
+  c.sam.weights = ""  # transformers SamModel folder (facebook/sam-vit-base); required for SAM
+  c.amg = ml_collections.ConfigDict()  # SAM automatic mask generation
+  c.amg.points_per_side = {"full": 32, "small": 32, "tiny": 4, "demo": 32}[variant]
+  c.amg.points_per_batch = 64
+  c.amg.pred_iou_thresh = 0.88
+  c.amg.stability_score_thresh = 0.95
+  c.amg.stability_score_offset = 1.0
+  c.amg.box_nms_thresh = 0.7
+  c.slic = ml_collections.ConfigDict()  # skimage.segmentation.slic
+  c.slic.n_segments = {"full": 64, "small": 64, "tiny": 8, "demo": 64}[variant]
+  c.slic.compactness = 10.0
+  c.student_width = {"full": 256, "small": 128, "tiny": 16, "demo": 64}[variant]
+  c.student_depth = {"full": 4, "small": 2, "tiny": 1, "demo": 2}[variant]  # residual blocks
+  c.student_norm_num_groups = {"full": 32, "small": 32, "tiny": 4, "demo": 16}[variant]
+  c.num_context_tokens = {"full": 64, "small": 64, "tiny": 4, "demo": 16}[variant]  # a square
+  c.alpha = 1.0  # MSE weight
+  c.beta = 1.0  # KL weight
+  c.tau = 1.0  # softmax temperature over channels
+  c.mask_emphasis = 1.0  # loss weight per location = 1 + mask_emphasis * G
   return c
 
 
@@ -63,15 +141,82 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.data.kind = "synthetic"  # synthetic | stonedd | mvtec | magnetic_tile
   config.data.root = ""  # synthetic: generated here (default: <workdir>/data)
   config.data.image_size = {"full": 256, "small": 256, "tiny": 32, "demo": 128}[variant]
-  config.data.skip_bad = False
+  config.data.skip_bad = False  # True: log and skip unreadable or inconsistent files
+  config.data.seed = 0  # splits
+  config.data.k_shot = 0  # > 0: train on the first k defect-free images only
+  config.data.val_normal_fraction = 0.1  # of defect-free objects
+  config.data.test_normal_fraction = 0.2  # of defect-free objects
+  config.data.val_defect_fraction = 0.2  # of defective objects, the rest is test
+  config.data.augment = ml_collections.ConfigDict()  # training only
+  config.data.augment.flip = True
+  config.data.augment.rot90 = True
+  config.data.augment.color_jitter = 0.05  # max brightness shift; contrast/saturation 1 +- 2x
+  config.data.tile_size = 0  # evaluation: > 0 cuts native-resolution tiles instead of resizing
+  config.data.tile_overlap = 32  # minimum overlap of neighbouring tiles, pixels
+  config.data.synthetic = ml_collections.ConfigDict()  # kind=synthetic
+  config.data.synthetic.num_normal = {"full": 800, "small": 400, "tiny": 16, "demo": 120}[variant]
+  config.data.synthetic.num_defect = {"full": 240, "small": 120, "tiny": 12, "demo": 36}[variant]
+  config.data.synthetic.size = {"full": 256, "small": 256, "tiny": 64, "demo": 256}[variant]
+  config.data.synthetic.seed = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.vae = _vae(variant)
   config.model.unet = _unet(variant)
 
+  config.diffusion = ml_collections.ConfigDict()  # diffusers DDPMScheduler/DDIMScheduler keys
+  config.diffusion.num_train_timesteps = 1000
+  config.diffusion.beta_schedule = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
+  config.diffusion.beta_start = 0.00085
+  config.diffusion.beta_end = 0.012
+  config.diffusion.prediction_type = "epsilon"  # epsilon | v_prediction | sample
+  config.diffusion.t_start = {"full": 999, "small": 999, "tiny": 999, "demo": 249}[variant]  # partial noising
+  config.diffusion.num_inference_steps = {"full": 10, "small": 10, "tiny": 2, "demo": 10}[variant]
+  config.diffusion.eta = 0.0  # DDIM stochasticity
+  config.model.scorer = _scorer(variant)
+  config.model.sgen = _sgen(variant)
+  config.model.mgkd = _mgkd(variant)
+
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = {"full": 12, "small": 8, "tiny": 2, "demo": 8}[variant]
   config.train.learning_rate = {"full": 1e-5, "small": 1e-4, "tiny": 1e-3, "demo": 2e-4}[variant]
+  config.train.warmup_steps = {"full": 500, "small": 200, "tiny": 0, "demo": 20}[variant]
+  config.train.grad_clip_norm = 1.0  # global norm of the trained leaves; 0 = off
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.999
+  config.train.ema_decay = 0.0  # > 0: EMA of the trained weights, used for validation and test
+  config.train.checkpoint_every = {"full": 2000, "small": 1000, "tiny": 2, "demo": 250}[variant]
+  config.train.keep_checkpoints = 3  # the last K, plus the best by validation
+
+  config.mesh = ml_collections.ConfigDict()  # axes ('data', 'fsdp'); batch split over both
+  config.mesh.data = -1  # -1: all devices left after fsdp
+  config.mesh.fsdp = 1  # > 1: shard each large parameter on its largest divisible axis
+  config.mesh.fsdp_min_size = 2**14  # smaller leaves stay replicated
+
+  # Stages run in `order`; each resumes from its own checkpoints and is skipped when finished.
+  # `trainable` lists regexes over '/'-joined parameter paths (re.match); the rest is frozen.
+  config.stages = ml_collections.ConfigDict()
+  config.stages.order = ("vae", "teacher_cache", "msd")
+  config.stages.vae = ml_collections.ConfigDict()
+  config.stages.vae.num_steps = {"full": 20000, "small": 10000, "tiny": 2, "demo": 600}[variant]
+  config.stages.vae.learning_rate = {"full": 4.5e-6, "small": 1e-4, "tiny": 1e-3, "demo": 1e-3}[variant]
+  config.stages.vae.kl_weight = 1e-6
+  config.stages.vae.perceptual_weight = 0.0  # > 0: scorer-feature distance term
+  config.stages.vae.init_checkpoint = ""  # converted AutoencoderKL params (skips training)
+  config.stages.vae.trainable = ("vae/",)
+  config.stages.msd = ml_collections.ConfigDict()
+  config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 1200}[variant]
+  config.stages.msd.kd_weight = 1.0  # lambda in L_MSD = eps-loss + lambda * L_KD
+  config.stages.msd.trainable = (  # DiAD's choice: SGEN, UNet decoder, MGKD student + context
+      "sgen/", "unet/up_blocks_", "unet/conv_norm_out/", "unet/conv_out/", "mgkd/")
+
+  config.eval = ml_collections.ConfigDict()  # validation split only; the test split is eval.py's
+  config.eval.every_steps = {"full": 5000, "small": 2000, "tiny": 2, "demo": 400}[variant]
+  config.eval.batch_size = {"full": 12, "small": 8, "tiny": 2, "demo": 8}[variant]
+  config.eval.best_metric = "val_auroc"  # mean of image and pixel AUROC
+
+  config.log = ml_collections.ConfigDict()  # clu writers and ReportProgress, process 0 only
+  config.log.every_steps = {"full": 100, "small": 50, "tiny": 1, "demo": 25}[variant]
+  config.log.num_images = 4  # inputs, reconstructions and heatmaps per validation
 
   config.lock()
   return config
