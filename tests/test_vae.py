@@ -1,0 +1,102 @@
+"""AutoencoderKL: parity with diffusers (posterior and decode), posterior maths, SD parameter count."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs.msd import get_config
+from msd_jax.convert import diffusers as convert
+from msd_jax.models import vae as vae_lib
+
+B = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  prev = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", prev)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+  return get_config("tiny").model.vae
+
+
+@pytest.fixture(scope="module")
+def converted(cfg, tmp_path_factory):
+  from diffusers import AutoencoderKL
+  torch.manual_seed(0)
+  ref = AutoencoderKL(in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                      latent_channels=cfg.latent_channels, layers_per_block=cfg.layers_per_block,
+                      block_out_channels=tuple(cfg.block_out_channels), down_block_types=tuple(cfg.down_block_types),
+                      up_block_types=tuple(cfg.up_block_types), norm_num_groups=cfg.norm_num_groups,
+                      scaling_factor=cfg.scaling_factor).eval()
+  with torch.no_grad():  # move every tensor off its default (norm scales 1, zero biases, ...)
+    for p in ref.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  src = str(tmp_path_factory.mktemp("vae_diffusers"))
+  ref.save_pretrained(src)
+  model, variables = convert.load_pretrained(src)
+  return ref, model, variables
+
+
+@pytest.fixture(scope="module")
+def image(cfg):
+  size = get_config("tiny").data.image_size
+  return np.random.default_rng(0).uniform(-1, 1, (B, size, size, cfg.in_channels)).astype(np.float32)
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def _nhwc(t):
+  return t.numpy().transpose(0, 2, 3, 1)
+
+
+def _close(ours, ref, tol=1e-4):
+  ours, ref = np.asarray(ours), np.asarray(ref)
+  assert ours.shape == ref.shape
+  err = np.abs(ours - ref).max()
+  assert err <= tol * max(1.0, np.abs(ref).max()), err
+
+
+def test_posterior_parity(converted, image):
+  ref, model, variables = converted
+  post = jax.jit(lambda v, x: model.apply(v, x, method="encode"))(variables, image)
+  with torch.no_grad():
+    ref_post = ref.encode(_nchw(image)).latent_dist
+  _close(post.mean, _nhwc(ref_post.mean))
+  _close(post.logvar, _nhwc(ref_post.logvar))
+  assert post.mean.shape == (B, image.shape[1] // 8, image.shape[2] // 8, 4)
+  np.testing.assert_allclose(post.kl(), ref_post.kl().numpy(), rtol=1e-4)
+
+
+def test_decode_parity(converted, image):
+  ref, model, variables = converted
+  z = np.random.default_rng(1).standard_normal((B, image.shape[1] // 8, image.shape[2] // 8, 4)).astype(np.float32)
+  ours = jax.jit(lambda v, z: model.apply(v, z, method="decode"))(variables, z)
+  with torch.no_grad():
+    expected = _nhwc(ref.decode(_nchw(z)).sample)
+  _close(ours, expected)
+
+
+def test_posterior_sample_and_mode():
+  mean = jnp.full((1, 2, 2, 4), 0.5)
+  post = vae_lib.DiagonalGaussian.from_moments(jnp.concatenate([mean, jnp.full_like(mean, 100.0)], -1))
+  assert float(post.logvar.max()) == 20.0  # clipped
+  post = vae_lib.DiagonalGaussian(mean, jnp.full_like(mean, np.log(0.25)))
+  np.testing.assert_array_equal(post.mode(), mean)
+  draws = jax.vmap(post.sample)(jax.random.split(jax.random.key(0), 4000))
+  np.testing.assert_allclose(draws.mean(0), mean, atol=0.05)
+  np.testing.assert_allclose(draws.std(0), 0.5, atol=0.05)
+  assert not np.allclose(post.sample(jax.random.key(1)), post.sample(jax.random.key(2)))
+
+
+def test_full_config_parameter_count():
+  model = vae_lib.from_config(get_config("full").model.vae)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == 83_653_863
