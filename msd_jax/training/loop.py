@@ -1,0 +1,238 @@
+"""Training loop: `run_stage` (one resumable stage) and `train_and_evaluate` (all stages)."""
+import dataclasses
+import functools
+import os
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from data_pipeline import datasets, input_pipeline
+from msd_jax import metrics as metrics_lib
+from msd_jax import parallel, scoring
+from msd_jax.models import msd as msd_lib
+from msd_jax.models import scorer as scorer_lib
+from msd_jax.training import checkpoint as ckpt_lib
+from msd_jax.training import optim
+from msd_jax.training import state as state_lib
+from msd_jax.training import steps as steps_lib
+
+
+@dataclasses.dataclass
+class StageResult:
+  state: object
+  preempted: bool
+
+
+def run_stage(name: str, state, train_step: Callable, batches: Callable[[int], Iterator],
+              num_steps: int, checkpointer: ckpt_lib.Checkpointer, *, checkpoint_every: int,
+              log_every: int = 0, eval_every: int = 0, validate: Optional[Callable] = None,
+              writer=None, hooks: Sequence[Callable[[int], None]] = ()) -> StageResult:
+  """Train `state` from its own step to `num_steps`.
+
+  `batches(start_step)` yields global batches from that data position on; `validate(state,
+  step)` returns (metrics, meta extras) and is run every `eval_every` steps and at the end.
+  Checkpoints are written every `checkpoint_every` steps, after each validation, at the end,
+  and when SIGTERM/SIGINT arrives (then the stage returns with `preempted=True`). A
+  non-finite loss raises `NonFiniteLossError` after pending checkpoint writes finish, so the
+  last good checkpoint stays on disk.
+  """
+  start = int(jax.device_get(state.step))
+  if start >= num_steps:
+    logging.info("stage %s: already finished at step %d", name, start)
+    return StageResult(state, False)
+  logging.info("stage %s: steps %d -> %d", name, start, num_steps)
+  iterator = batches(start)
+  with ckpt_lib.StopSignal() as stop:
+    for step in range(start + 1, num_steps + 1):
+      state, metrics = train_step(state, next(iterator))
+      metrics = jax.device_get(metrics)
+      try:
+        steps_lib.check_finite(metrics, step)
+      except steps_lib.NonFiniteLossError:
+        checkpointer.wait()
+        raise
+      for hook in hooks:
+        hook(step)
+      if writer is not None and log_every and step % log_every == 0:
+        writer.write_scalars(step, {f"{name}/{k}": float(np.mean(v)) for k, v in metrics.items()})
+      val_metrics, meta = None, {"stage": name, "step": step, "data_position": step}
+      if validate is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
+        val_metrics, extras = validate(state, step)
+        meta.update(extras)
+      preempted = stop.requested()
+      if (val_metrics is not None or preempted or step == num_steps or
+          step % checkpoint_every == 0):
+        checkpointer.save(step, state, meta, metrics=val_metrics)
+      if preempted:
+        checkpointer.wait()
+        logging.warning("stage %s: stop signal, checkpoint saved at step %d", name, step)
+        return StageResult(state, True)
+  checkpointer.wait()
+  return StageResult(state, False)
+
+
+def validate_config(config, mesh) -> None:
+  """Fail before anything compiles on a config that cannot work."""
+  if config.data.image_size % 8:
+    raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of 8")
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  parallel.check_batch_size(config.eval.batch_size, mesh)
+  unknown = [s for s in config.stages.order if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stages {unknown}; available: {sorted(STAGES)}")
+  if config.data.kind != "synthetic" and not os.path.isdir(config.data.root):
+    raise FileNotFoundError(f"data.root={config.data.root!r} is not a folder "
+                            f"(data.kind={config.data.kind})")
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage needs: config, mesh, data splits, model, writer, workdir."""
+  config: object
+  workdir: str
+  mesh: object
+  splits: dict
+  model: msd_lib.MSD
+  writer: object
+  is_main: bool
+
+
+def _gather(x):
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def make_validator(ctx: Context, reconstruct: Callable, stage: str):
+  """`validate(state, step) -> (metrics, meta extras)` on the validation split.
+
+  Reconstruction (`reconstruct(params, images, rng)`, jitted on the mesh) then the scorer's
+  maps and image scores; image and pixel AUROC, and the F1-optimal thresholds. Uses the EMA
+  weights when kept.
+  """
+  config, mesh = ctx.config, ctx.mesh
+  records = ctx.splits["val"]
+  module, variables = scorer_lib.build_scorer(config.model.scorer)
+  score = scoring.make_score_fn(module, variables, config.model.scorer)
+  recon = jax.jit(reconstruct, out_shardings=parallel.batch_sharding(mesh))
+
+  def validate(state, step):
+    params = state.ema_params if state.ema_params is not None else state.params
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+    rows = {k: [] for k in ("image", "x_hat", "map", "score", "label", "mask", "valid")}
+    for batch in input_pipeline.eval_iterator(records, config.data,
+                                              global_batch_size=config.eval.batch_size,
+                                              sharding=parallel.batch_sharding(mesh)):
+      x_hat = recon(params, batch["image"], rng)
+      maps, scores = score(batch["image"], x_hat)
+      for k, v in (("image", batch["image"]), ("x_hat", x_hat), ("map", maps), ("score", scores),
+                   ("label", batch["label"]), ("mask", batch["mask"]), ("valid", batch["valid"])):
+        rows[k].append(_gather(v))
+    host = {k: np.concatenate(v) for k, v in rows.items()}
+    keep = host.pop("valid")
+    host = {k: v[keep] for k, v in host.items()}
+    m = metrics_lib.compute_metrics(host["score"], host["label"], host["map"], host["mask"])
+    val = {"image_auroc": m["image"]["auroc"], "pixel_auroc": m["pixel"]["auroc"]}
+    val["val_auroc"] = float(np.nanmean(list(val.values())))
+    thresholds = {"image": m["image"]["threshold"], "pixel": m["pixel"]["threshold"]}
+    if ctx.is_main:
+      ctx.writer.write_scalars(step, {f"{stage}/val/{k}": v for k, v in val.items()})
+      n = config.log.num_images
+      heat = host["map"][:n] / max(float(host["map"].max()), 1e-8)
+      ctx.writer.write_images(step, {
+          f"{stage}/val/input": (host["image"][:n] + 1) / 2,
+          f"{stage}/val/reconstruction": (np.clip(host["x_hat"][:n], -1, 1) + 1) / 2,
+          f"{stage}/val/heatmap": heat[..., None]})
+    logging.info("stage %s step %d validation: %s", stage, step, val)
+    return val, {"thresholds": thresholds, "val_metrics": val}
+
+  return validate
+
+
+def _train(ctx: Context, stage: str, state, loss_fn: Callable, labels, tx, lr_schedule,
+           num_steps: int, validate: Optional[Callable]) -> StageResult:
+  """Shard, restore if a checkpoint exists, and run one stage."""
+  config, mesh = ctx.config, ctx.mesh
+  shardings = steps_lib.state_shardings(state, mesh, config.mesh.fsdp_min_size)
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(ctx.workdir, "checkpoints", stage), keep=config.train.keep_checkpoints,
+      best_metric=config.eval.best_metric)
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(ckpt_lib.abstract_like(state, shardings))
+    logging.info("stage %s: resumed at step %d", stage, meta["step"])
+  else:
+    state = jax.device_put(state, shardings)
+  train_step = steps_lib.jit_train_step(
+      steps_lib.make_train_step(loss_fn, tx, labels, lr_schedule, config.train.ema_decay),
+      mesh, shardings)
+
+  def batches(start):
+    return input_pipeline.train_iterator(
+        ctx.splits["train"], config.data, global_batch_size=config.train.batch_size,
+        sharding=parallel.batch_sharding(mesh), seed=config.seed, start_step=start)
+
+  hooks = []
+  if ctx.is_main:
+    hooks.append(periodic_actions.ReportProgress(num_train_steps=num_steps, writer=ctx.writer,
+                                                 every_steps=config.log.every_steps))
+  try:
+    return run_stage(stage, state, train_step, batches, num_steps, checkpointer,
+                     checkpoint_every=config.train.checkpoint_every,
+                     log_every=config.log.every_steps if ctx.is_main else 0,
+                     eval_every=config.eval.every_steps, validate=validate,
+                     writer=ctx.writer if ctx.is_main else None, hooks=hooks)
+  finally:
+    checkpointer.close()
+
+
+def _stage_state(ctx: Context, stage_config, params, rng):
+  labels = optim.param_labels(params, stage_config.trainable)
+  lr = stage_config.get("learning_rate", ctx.config.train.learning_rate)
+  tx = optim.make_optimizer(ctx.config.train, labels, lr)
+  state = state_lib.create_train_state(params, tx, rng, use_ema=ctx.config.train.ema_decay > 0)
+  return state, labels, tx, optim.learning_rate_schedule(lr, ctx.config.train.warmup_steps)
+
+
+def vae_stage(ctx: Context, params, rng) -> StageResult:
+  """Autoencoder on the defect-free training images (or converted weights, then no training)."""
+  cfg = ctx.config.stages.vae
+  if cfg.init_checkpoint:
+    params = dict(params, vae=ckpt_lib.load_params(cfg.init_checkpoint))
+    return StageResult(state_lib.TrainState(step=0, params=params, opt_state=None, rng=rng), False)
+  state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
+  loss = functools.partial(ctx.model.vae_loss, kl_weight=cfg.kl_weight)
+  validate = make_validator(ctx, ctx.model.vae_reconstruct, "vae")
+  return _train(ctx, "vae", state, loss, labels, tx, schedule, cfg.num_steps, validate)
+
+
+STAGES = {"vae": vae_stage}
+
+
+def train_and_evaluate(config, workdir: str):
+  """Run `config.stages.order`; each stage resumes or is skipped when finished.
+
+  Returns the final TrainState, or None when a stop signal ended the run early (after saving).
+  """
+  mesh = parallel.make_mesh(config.mesh)
+  validate_config(config, mesh)
+  splits = datasets.load_splits(config.data, default_root=os.path.join(workdir, "data"))
+  for split in ("train", "val"):
+    if not splits[split]:
+      raise ValueError(f"the {split} split of data.kind={config.data.kind} is empty")
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  writer.write_hparams({k: str(v) for k, v in config.items() if not hasattr(v, "items")})
+  ctx = Context(config, workdir, mesh, splits, msd_lib.MSD(config), writer, is_main)
+  rng = jax.random.PRNGKey(config.seed)
+  params = ctx.model.init(jax.random.fold_in(rng, 0))
+  state = None
+  for i, stage in enumerate(config.stages.order):
+    result = STAGES[stage](ctx, params, jax.random.fold_in(rng, i + 1))
+    if result.preempted:
+      writer.flush()
+      return None
+    state, params = result.state, jax.device_get(result.state.params)
+  writer.flush()
+  return state
