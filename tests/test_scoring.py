@@ -1,0 +1,114 @@
+"""Anomaly maps, smoothing, image scores and the jitted score function."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from configs.msd import get_config
+from msd_jax import scoring
+from msd_jax.models import scorer
+
+
+@pytest.fixture(scope="module")
+def backbone():
+  module = scorer.resnet_tiny()
+  return module, scorer.init_variables(module, seed=0)
+
+
+def _config(**overrides):
+  config = get_config("tiny").model.scorer
+  config.layers = ("s4", "s8", "s16")
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+def _images(seed=0, n=2, hw=64):
+  rng = np.random.default_rng(seed)
+  x = ndimage.gaussian_filter(rng.uniform(-1, 1, (n, hw, hw, 3)), (0, 2, 2, 0)) * 3
+  return np.clip(x, -1, 1).astype(np.float32)
+
+
+def test_identical_images_give_zero_map_and_a_changed_patch_lights_up(backbone):
+  module, variables = backbone
+  score = scoring.make_score_fn(module, variables, _config())
+  x = _images()
+  maps, scores = score(x, x)
+  assert maps.shape == (2, 64, 64) and scores.shape == (2,)
+  assert np.abs(np.asarray(maps)).max() < 1e-6 and np.abs(np.asarray(scores)).max() < 1e-6
+
+  x_hat = x.copy()
+  x_hat[1, 20:36, 36:52] = -x_hat[1, 20:36, 36:52]  # only image 1 changes, in this patch
+  maps, scores = map(np.asarray, score(x, x_hat))
+  assert np.abs(maps[0]).max() < 1e-6 and scores[1] > 0
+  r, c = np.unravel_index(np.argmax(maps[1]), maps[1].shape)
+  assert 16 <= r < 40 and 32 <= c < 56
+  inside = maps[1, 20:36, 36:52].mean()
+  far = np.concatenate([maps[1, :8].ravel(), maps[1, :, :16].ravel()]).mean()
+  assert inside > 5 * far
+
+
+def test_anomaly_map_is_one_minus_cosine_summed_over_layers():
+  a = np.ones((1, 2, 2, 3), np.float32)
+  b = a.copy()
+  b[0, 0, 1] = [1.0, -1.0, 0.0]  # orthogonal to (1, 1, 1): cos 0
+  b[0, 1, 0] = [-2.0, -2.0, -2.0]  # opposite: cos -1
+  m = np.asarray(scoring.anomaly_map({"s4": a, "s8": a}, {"s4": b, "s8": a}, ["s4", "s8"], (2, 2)))
+  np.testing.assert_allclose(m[0], [[0.0, 1.0], [2.0, 0.0]], atol=1e-6)
+  m2 = np.asarray(scoring.anomaly_map({"s4": a, "s8": b}, {"s4": b, "s8": a}, ["s4", "s8"], (2, 2)))
+  np.testing.assert_allclose(m2, 2 * m, atol=1e-6)
+  up = scoring.anomaly_map({"s4": a}, {"s4": b}, ["s4"], (8, 8))
+  assert up.shape == (1, 8, 8) and float(up.max()) <= 2.0 + 1e-6
+
+
+def test_smooth_matches_scipy_gaussian_filter():
+  m = np.random.default_rng(0).random((2, 40, 53)).astype(np.float32)
+  for sigma in (1.0, 4.0):
+    want = ndimage.gaussian_filter(m, (0, sigma, sigma), mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(scoring.smooth(jnp.asarray(m), sigma), want, atol=1e-5)
+  np.testing.assert_array_equal(scoring.smooth(jnp.asarray(m), 0.0), m)
+
+
+def test_image_score_is_max_of_average_pool_and_border_margin_drops_edges():
+  rng = np.random.default_rng(0)
+  m = rng.random((3, 20, 24)).astype(np.float32)
+  m[2, 0:3, 0:3] += 10.0  # an edge artefact
+  p = 4
+  want = np.array([max(m[b, i:i + p, j:j + p].mean() for i in range(20 - p + 1)
+                       for j in range(24 - p + 1)) for b in range(3)])
+  np.testing.assert_allclose(scoring.image_score(jnp.asarray(m), p), want, rtol=1e-6)
+  np.testing.assert_allclose(scoring.image_score(jnp.asarray(m), 1), m.max(axis=(1, 2)), rtol=1e-6)
+  with_margin = np.asarray(scoring.image_score(jnp.asarray(m), p, border_margin=3))
+  assert with_margin[2] < 1.0 < want[2]
+  np.testing.assert_allclose(with_margin, scoring.image_score(jnp.asarray(m[:, 3:-3, 3:-3]), p),
+                             rtol=1e-6)
+
+
+def test_reflect_padded_input_keeps_map_size_and_zero_for_identical(backbone):
+  module, variables = backbone
+  x = _images(seed=1, n=1)
+  x_hat = x.copy()
+  x_hat[0, :10, :10] = 0.0  # a change at the corner, where padding matters
+  padded = scoring.make_score_fn(module, variables, _config(input_pad=16))
+  plain = scoring.make_score_fn(module, variables, _config())
+  zero, _ = padded(x, x)
+  assert zero.shape == (1, 64, 64) and np.abs(np.asarray(zero)).max() < 1e-6
+  m_pad, _ = padded(x, x_hat)
+  m_plain, _ = plain(x, x_hat)
+  assert m_pad.shape == m_plain.shape
+  assert not np.allclose(m_pad, m_plain)
+  with pytest.raises(ValueError, match="input_pad"):
+    scoring.make_score_fn(module, variables, _config(input_pad=8))(x, x)  # s16 needs 16k
+
+
+def test_pixel_difference_map_and_pixel_score_fn():
+  x = _images(seed=2)
+  x_hat = x.copy()
+  x_hat[0, 5:9, 5:9] += 0.5
+  np.testing.assert_allclose(scoring.pixel_difference_map(x, x_hat),
+                             np.abs(x - x_hat).mean(axis=-1), atol=1e-7)
+  maps, scores = scoring.make_score_fn(None, None, _config(map_type="pixel", sigma=0.0,
+                                                           pool_size=1))(x, x_hat)
+  np.testing.assert_allclose(scores, [0.5, 0.0], atol=1e-6)
+  with pytest.raises(ValueError, match="map_type"):
+    scoring.make_score_fn(None, None, _config(map_type="ssim"))(x, x_hat)
