@@ -24,7 +24,7 @@ def _vae(variant):
       "full": (128, 256, 512, 512),
       "small": (64, 128, 256, 256),
       "tiny": (8, 16, 16, 16),
-      "demo": (32, 64, 64, 64),
+      "demo": (32, 64, 64),  # f = 4 (the other variants: f = 8): a 16 x 16 latent at 64 px
   }[variant]
   n = len(c.block_out_channels)
   c.down_block_types = ("DownEncoderBlock2D",) * n
@@ -44,14 +44,14 @@ def _unet(variant):
       "full": (320, 640, 1280, 1280),
       "small": (128, 256, 512, 512),
       "tiny": (16, 32),
-      "demo": (64, 128, 128),
+      "demo": (32, 64, 64),
   }[variant]
   n = len(c.block_out_channels)
   c.down_block_types = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
   c.up_block_types = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
-  c.cross_attention_dim = {"full": 768, "small": 256, "tiny": 24, "demo": 64}[variant]
-  c.attention_head_dim = {"full": 8, "small": 8, "tiny": 2, "demo": 8}[variant]  # heads (diffusers' naming)
-  c.norm_num_groups = {"full": 32, "small": 32, "tiny": 8, "demo": 32}[variant]
+  c.cross_attention_dim = {"full": 768, "small": 256, "tiny": 24, "demo": 32}[variant]
+  c.attention_head_dim = {"full": 8, "small": 8, "tiny": 2, "demo": 4}[variant]  # heads (diffusers' naming)
+  c.norm_num_groups = {"full": 32, "small": 32, "tiny": 8, "demo": 16}[variant]
   c.dtype = "float32"  # activations; "bfloat16" on accelerators (params stay float32)
   c.remat = False  # recompute each resnet / transformer block in the backward pass
   return c
@@ -67,7 +67,7 @@ def _sgen(variant):
       "full": (64, 128, 256, 512),
       "small": (32, 64, 128, 256),
       "tiny": (8, 8, 16, 16),
-      "demo": (16, 32, 64, 64),
+      "demo": (16, 16, 32, 32),
   }[variant]
   c.bpnet_depths = {"full": (2, 2, 2, 2), "small": (2, 2, 2, 2), "tiny": (1, 1, 1, 1),
                     "demo": (1, 1, 1, 1)}[variant]
@@ -91,7 +91,7 @@ def _scorer(variant):
   c.layers = ("s4", "s8", "s16")  # the paper's f1-f3
   c.map_type = "feature"  # feature (1 - cos, the paper) | pixel (|x - x_hat|, ablation)
   c.sigma = 4.0  # Gaussian smoothing of the map, pixels
-  c.pool_size = {"full": 16, "small": 16, "tiny": 4, "demo": 8}[variant]  # image score pooling
+  c.pool_size = {"full": 16, "small": 16, "tiny": 4, "demo": 4}[variant]  # image score pooling
   c.input_pad = 0  # pixels of padding around the scorer input (multiple of the largest stride)
   c.pad_mode = "reflect"  # reflect | symmetric | edge | constant, for input_pad
   c.border_margin = 0  # pixels at each image edge left out of the image score
@@ -118,9 +118,9 @@ def _mgkd(variant):
   c.slic = ml_collections.ConfigDict()  # skimage.segmentation.slic
   c.slic.n_segments = {"full": 64, "small": 64, "tiny": 8, "demo": 64}[variant]
   c.slic.compactness = 10.0
-  c.student_width = {"full": 256, "small": 128, "tiny": 16, "demo": 64}[variant]
-  c.student_depth = {"full": 4, "small": 2, "tiny": 1, "demo": 2}[variant]  # residual blocks
-  c.student_norm_num_groups = {"full": 32, "small": 32, "tiny": 4, "demo": 16}[variant]
+  c.student_width = {"full": 256, "small": 128, "tiny": 16, "demo": 32}[variant]
+  c.student_depth = {"full": 4, "small": 2, "tiny": 1, "demo": 1}[variant]  # residual blocks
+  c.student_norm_num_groups = {"full": 32, "small": 32, "tiny": 4, "demo": 8}[variant]
   c.num_context_tokens = {"full": 64, "small": 64, "tiny": 4, "demo": 16}[variant]  # a square
   c.alpha = 1.0  # MSE weight
   c.beta = 1.0  # KL weight
@@ -140,7 +140,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.kind = "synthetic"  # synthetic | stonedd | mvtec | magnetic_tile
   config.data.root = ""  # synthetic: generated here (default: <workdir>/data)
-  config.data.image_size = {"full": 256, "small": 256, "tiny": 32, "demo": 128}[variant]
+  config.data.image_size = {"full": 256, "small": 256, "tiny": 32, "demo": 64}[variant]
   config.data.skip_bad = False  # True: log and skip unreadable or inconsistent files
   config.data.seed = 0  # splits
   config.data.k_shot = 0  # > 0: train on the first k defect-free images only
@@ -170,7 +170,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.diffusion.beta_end = 0.012
   config.diffusion.prediction_type = "epsilon"  # epsilon | v_prediction | sample
   config.diffusion.t_start = {"full": 999, "small": 999, "tiny": 999, "demo": 249}[variant]  # partial noising
-  config.diffusion.num_inference_steps = {"full": 10, "small": 10, "tiny": 2, "demo": 10}[variant]
+  config.diffusion.num_inference_steps = {"full": 10, "small": 10, "tiny": 2, "demo": 5}[variant]
   config.diffusion.eta = 0.0  # DDIM stochasticity
   config.model.scorer = _scorer(variant)
   config.model.sgen = _sgen(variant)
@@ -178,13 +178,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = {"full": 12, "small": 8, "tiny": 2, "demo": 8}[variant]
-  config.train.learning_rate = {"full": 1e-5, "small": 1e-4, "tiny": 1e-3, "demo": 2e-4}[variant]
+  config.train.learning_rate = {"full": 1e-5, "small": 1e-4, "tiny": 1e-3, "demo": 3e-4}[variant]
   config.train.warmup_steps = {"full": 500, "small": 200, "tiny": 0, "demo": 20}[variant]
   config.train.grad_clip_norm = 1.0  # global norm of the trained leaves; 0 = off
   config.train.adam_b1 = 0.9
   config.train.adam_b2 = 0.999
   config.train.ema_decay = 0.0  # > 0: EMA of the trained weights, used for validation and test
-  config.train.checkpoint_every = {"full": 2000, "small": 1000, "tiny": 2, "demo": 250}[variant]
+  config.train.checkpoint_every = {"full": 2000, "small": 1000, "tiny": 2, "demo": 300}[variant]
   config.train.keep_checkpoints = 3  # the last K, plus the best by validation
 
   config.mesh = ml_collections.ConfigDict()  # axes ('data', 'fsdp'); batch split over both
@@ -197,20 +197,21 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.stages = ml_collections.ConfigDict()
   config.stages.order = ("vae", "teacher_cache", "msd")
   config.stages.vae = ml_collections.ConfigDict()
-  config.stages.vae.num_steps = {"full": 20000, "small": 10000, "tiny": 2, "demo": 600}[variant]
+  config.stages.vae.num_steps = {"full": 20000, "small": 10000, "tiny": 2, "demo": 300}[variant]
   config.stages.vae.learning_rate = {"full": 4.5e-6, "small": 1e-4, "tiny": 1e-3, "demo": 1e-3}[variant]
   config.stages.vae.kl_weight = 1e-6
   config.stages.vae.perceptual_weight = 0.0  # > 0: scorer-feature distance term
   config.stages.vae.init_checkpoint = ""  # converted AutoencoderKL params (skips training)
   config.stages.vae.trainable = ("vae/",)
   config.stages.msd = ml_collections.ConfigDict()
-  config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 1200}[variant]
+  config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 600}[variant]
   config.stages.msd.kd_weight = 1.0  # lambda in L_MSD = eps-loss + lambda * L_KD
+  config.stages.msd.grid_dropout = 0.5  # P(student input z0 * 1, as at inference, not z0 * G)
   config.stages.msd.trainable = (  # DiAD's choice: SGEN, UNet decoder, MGKD student + context
       "sgen/", "unet/up_blocks_", "unet/conv_norm_out/", "unet/conv_out/", "mgkd/")
 
   config.eval = ml_collections.ConfigDict()  # validation split only; the test split is eval.py's
-  config.eval.every_steps = {"full": 5000, "small": 2000, "tiny": 2, "demo": 400}[variant]
+  config.eval.every_steps = {"full": 5000, "small": 2000, "tiny": 2, "demo": 300}[variant]
   config.eval.batch_size = {"full": 12, "small": 8, "tiny": 2, "demo": 8}[variant]
   config.eval.best_metric = "val_auroc"  # mean of image and pixel AUROC
 

@@ -1,4 +1,5 @@
 """Optimiser groups, EMA, config validation, and a one-step smoke test of the real loop."""
+import json
 import os
 
 import jax
@@ -55,11 +56,12 @@ def test_config_validation_fails_before_compiling(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_step_through_the_real_loop(tmp_path):
+def test_one_step_of_every_stage_through_the_real_loop(tmp_path):
   config = get_config("tiny")
   config.mesh.data = 2  # 2 of the 8 host devices: the tiny batch of 2
-  config.stages.order = ("vae",)
+  assert tuple(config.stages.order) == ("vae", "teacher_cache", "msd")
   config.stages.vae.num_steps = 1
+  config.stages.msd.num_steps = 1
   mesh_devices = jax.devices()[:2]
   workdir = str(tmp_path)
   original = parallel.make_mesh
@@ -70,9 +72,40 @@ def test_one_step_through_the_real_loop(tmp_path):
     parallel.make_mesh = original
   assert int(state.step) == 1
   from msd_jax.training import checkpoint
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "vae"), best_metric="val_auroc")
-  assert ckpt.latest_step() == 1 and ckpt.best_step() == 1
-  meta = ckpt.restore_meta(1)
-  assert set(meta["thresholds"]) == {"image", "pixel"} and meta["data_position"] == 1
-  ckpt.close()
+  metas = {}
+  for stage in ("vae", "msd"):
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", stage), best_metric="val_auroc")
+    assert ckpt.latest_step() == 1 and ckpt.best_step() == 1
+    metas[stage] = ckpt.restore_meta(1)
+    if stage == "vae":
+      vae_state, _ = ckpt.restore(None, 1)
+    ckpt.close()
+  for meta in metas.values():
+    assert set(meta["thresholds"]) == {"image", "pixel"} and meta["data_position"] == 1
+    assert 0.0 <= meta["val_metrics"]["val_auroc"] <= 1.0
+  # msd: the VAE and the UNet encoder stay as the vae stage left them; the UNet decoder, SGEN and
+  # the student moved.
+  final = jax.device_get(state.params)
+  before = vae_state["params"]
+  np.testing.assert_array_equal(final["vae"]["encoder"]["conv_in"]["kernel"],
+                                before["vae"]["encoder"]["conv_in"]["kernel"])
+  np.testing.assert_array_equal(final["unet"]["conv_in"]["kernel"], before["unet"]["conv_in"]["kernel"])
+  for group in ("sgen", "mgkd"):
+    moved = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(final[group]), jax.tree.leaves(before[group]))]
+    assert any(moved), group
+  assert not np.array_equal(final["unet"]["conv_out"]["kernel"], before["unet"]["conv_out"]["kernel"])
+  cache = os.path.join(workdir, "teacher_cache")
+  assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) > 0
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["stages"]["msd"]["num_steps"] == 1
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  # Everything finished: a second run skips every stage and returns the same parameters.
+  try:
+    parallel.make_mesh = lambda cfg, devices=None: original(cfg, mesh_devices)
+    again = loop.train_and_evaluate(config, workdir)
+  finally:
+    parallel.make_mesh = original
+  assert int(again.step) == 1
+  np.testing.assert_array_equal(jax.device_get(again.params["mgkd"]["context_proj"]["proj"]["kernel"]),
+                                final["mgkd"]["context_proj"]["proj"]["kernel"])

@@ -8,13 +8,66 @@ Every stage trains this same tree; `config.stages.<stage>.trainable` picks the t
 Stage losses:
 - `vae_loss`: mean |x - D(E(x) sample)| + kl_weight * KL (summed over the latent, averaged over
   the batch), as the LDM autoencoder without its adversarial term.
+- `msd_loss`: L_MSD = mean ||target - UNet(z_t, t, c, SGEN(x, z_t, t, c))||^2 + kd_weight * L_KD
+  with z0 = scaling_factor * mode of E(x) (the VAE is frozen, so its posterior mean is used, as in
+  LDM's cached-latent training), t uniform over the training timesteps, target = eps (or v, or
+  z0, after `config.diffusion.prediction_type`), c the context tokens of the MGKD student fed
+  z0 * G, and L_KD against the cached teacher embedding (`batch["teacher_embedding"]`, mask grid
+  `batch["grid"]`).
+
+Choices where the paper is silent:
+- Geometric augmentation in the msd stage: the teacher cache holds the embedding and grid of the
+  un-augmented image, so the input pipeline's flip / 90-degree turn are switched off for this
+  stage and `msd_loss` applies the same random flip / turn (per `config.data.augment`) jointly to
+  the image, the embedding map and the grid. The teacher's channels are not rotation-equivariant,
+  so a turned embedding map only approximates the teacher on the turned image; the stone textures
+  are close to isotropic and L_KD is the auxiliary term.
+- Mask grid at inference: the mask source (SAM or SLIC) runs only when the teacher cache is
+  built, so `reconstruct` feeds the student z0 * 1 (G = 1 everywhere), the grid of an image that
+  is a single mask. SLIC grids average about 0.6, so in training each image's student input is
+  z0 * 1 instead of z0 * G with probability `config.stages.msd.grid_dropout`, which keeps the
+  inference input in the training distribution; L_KD is always weighted by the real G.
 """
 import jax
 import jax.numpy as jnp
 
+from msd_jax.diffusion import samplers
+from msd_jax.diffusion import schedule as schedule_lib
+from msd_jax.models import mgkd as mgkd_lib
+from msd_jax.models import sam as sam_lib
+from msd_jax.models import scorer as scorer_lib
 from msd_jax.models import sgen as sgen_lib
 from msd_jax.models import unet as unet_lib
 from msd_jax.models import vae as vae_lib
+
+
+def teacher_embedding_shape(config) -> tuple[int, int, int]:
+  """(H_T, W_T, C_T) of the configured MGKD teacher, without loading its weights."""
+  m = config.model.mgkd
+  if m.teacher == "sam_vit_b":
+    vision = sam_lib.get_sam_config(m.sam.model).vision_config
+    side = vision.image_size // vision.patch_size
+    return side, side, vision.output_channels
+  module = scorer_lib.efficientnet_lite0()
+  image = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
+  shape = jax.eval_shape(
+      lambda x: mgkd_lib.efficientnet_embedding(module, module.init(jax.random.PRNGKey(0), x), x),
+      image).shape
+  return tuple(int(s) for s in shape[1:])
+
+
+def _random_flip_rot90(key, arrays, flip: bool, rot90: bool):
+  """The same random horizontal flip and 90-degree turn per sample on each (B, H, W, ...) array."""
+  k_flip, k_rot = jax.random.split(key)
+  batch = arrays[0].shape[0]
+  flips = jax.random.bernoulli(k_flip, 0.5, (batch,)) if flip else jnp.zeros((batch,), bool)
+  turns = jax.random.randint(k_rot, (batch,), 0, 4) if rot90 else jnp.zeros((batch,), jnp.int32)
+
+  def one(x, f, k):
+    x = jnp.where(f, jnp.flip(x, axis=1), x)
+    return jax.lax.switch(k, [lambda y, n=n: jnp.rot90(y, n, axes=(0, 1)) for n in range(4)], x)
+
+  return [jax.vmap(one)(x, flips, turns) for x in arrays]
 
 
 class MSD:
@@ -26,6 +79,8 @@ class MSD:
     self.vae = vae_lib.from_config(config.model.vae)
     self.unet = unet_lib.from_config(config.model.unet)
     self.sgen = sgen_lib.from_config(config.model.unet, config.model.sgen)
+    self.mgkd = mgkd_lib.from_config(config, teacher_embedding_shape(config))
+    self.schedule = schedule_lib.from_config(config.diffusion)
 
   @property
   def latent_size(self) -> int:
@@ -36,7 +91,7 @@ class MSD:
     return jax.jit(self._init)(rng)
 
   def _init(self, rng):
-    k_vae, k_unet, k_sgen = jax.random.split(rng, 3)
+    k_vae, k_unet, k_sgen, k_mgkd = jax.random.split(rng, 4)
     image = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
     latent = jnp.zeros((1, self.latent_size, self.latent_size,
                         self.config.model.unet.in_channels), jnp.float32)
@@ -46,7 +101,10 @@ class MSD:
     unet = self.unet.init(k_unet, latent, t, context)["params"]
     sgen = self.sgen.init(k_sgen, image, latent, t, context)["params"]
     sgen = sgen_lib.init_control_from_unet(unet, sgen)  # jit output: buffers not shared
-    return {"vae": vae, "unet": unet, "sgen": sgen}
+    mgkd = self.mgkd.init(k_mgkd, latent, jnp.ones(latent.shape[:3]))["params"]
+    return {"vae": vae, "unet": unet, "sgen": sgen, "mgkd": mgkd}
+
+  # --------------------------------------------------------------------------- autoencoder
 
   def vae_loss(self, params, batch, rng, kl_weight: float):
     x = batch["image"]
@@ -58,3 +116,57 @@ class MSD:
   def vae_reconstruct(self, params, images, rng):
     del rng
     return jnp.clip(self.vae.apply({"params": params["vae"]}, images)[0], -1.0, 1.0)
+
+  def encode(self, params, images):
+    """Scaled latents z0 = scaling_factor * mode of the posterior."""
+    posterior = self.vae.apply({"params": params["vae"]}, images, method="encode")
+    return posterior.mode() * self.config.model.vae.scaling_factor
+
+  def decode(self, params, z0):
+    z = z0 / self.config.model.vae.scaling_factor
+    return self.vae.apply({"params": params["vae"]}, z, method="decode")
+
+  # --------------------------------------------------------------------------- MSD
+
+  def guided_output(self, params, images, z_t, t, context):
+    """UNet output (eps for the default prediction type) with SGEN's residuals."""
+    down, mid = self.sgen.apply({"params": params["sgen"]}, images, z_t, t, context)
+    return self.unet.apply({"params": params["unet"]}, z_t, t, context, down, mid)
+
+  def msd_loss(self, params, batch, rng, kd_weight: float, grid_dropout: float = 0.0):
+    x, z_t_emb, grid = batch["image"], batch["teacher_embedding"], batch["grid"]
+    k_aug, k_t, k_noise, k_drop = jax.random.split(rng, 4)
+    aug = self.config.data.augment
+    if aug.flip or aug.rot90:
+      x, z_t_emb, grid = _random_flip_rot90(k_aug, [x, z_t_emb, grid], aug.flip, aug.rot90)
+    z0 = jax.lax.stop_gradient(self.encode(params, x))
+    drop = jax.random.bernoulli(k_drop, grid_dropout, (x.shape[0], 1, 1))
+    z_s, context = self.mgkd.apply({"params": params["mgkd"]}, z0, jnp.where(drop, 1.0, grid))
+    t = jax.random.randint(k_t, (x.shape[0],), 0, self.schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
+    z_t = schedule_lib.q_sample(self.schedule, z0, t, noise)
+    prediction = self.guided_output(params, x, z_t, t, context)
+    kind = self.config.diffusion.prediction_type
+    if kind == "epsilon":
+      target = noise
+    elif kind == "v_prediction":
+      target = schedule_lib.get_velocity(self.schedule, z0, t, noise)
+    elif kind == "sample":
+      target = z0
+    else:
+      raise ValueError(f"unknown prediction_type {kind!r}; choose epsilon, v_prediction or sample")
+    diffusion = jnp.mean(jnp.square(prediction - target))
+    kd = mgkd_lib.kd_loss_from_config(self.config, z_s, z_t_emb, grid)
+    return {"loss": diffusion + kd_weight * kd["loss"], "diffusion": diffusion,
+            "kd": kd["loss"], "kd_mse": kd["mse"], "kd_kl": kd["kl"]}
+
+  def reconstruct(self, params, images, rng):
+    """Encode, noise to `diffusion.t_start`, DDIM back in one scan with SGEN and student
+    guidance, decode; [-1, 1] images (B, S, S, 3) -> reconstructions of the same shape."""
+    d = self.config.diffusion
+    z0 = self.encode(params, images)
+    _, context = self.mgkd.apply({"params": params["mgkd"]}, z0, jnp.ones(z0.shape[:3], z0.dtype))
+    denoise = lambda z_t, t: self.guided_output(params, images, z_t, t, context)
+    z0_hat = samplers.reconstruct(denoise, z0, d.t_start, d.num_inference_steps, rng, self.schedule,
+                                  eta=d.eta, prediction_type=d.prediction_type)
+    return jnp.clip(self.decode(params, z0_hat), -1.0, 1.0)

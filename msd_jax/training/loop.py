@@ -1,4 +1,16 @@
-"""Training loop: `run_stage` (one resumable stage) and `train_and_evaluate` (all stages)."""
+"""Training loop: `run_stage` (one resumable stage) and `train_and_evaluate` (all stages).
+
+Stages (`config.stages.order`), each resumed from its own checkpoints and skipped when finished:
+- `vae`: the autoencoder on the defect-free training images (or converted weights).
+- `teacher_cache`: the MGKD teacher's embeddings and mask grids of the training split, stored once
+  under `<workdir>/teacher_cache` (msd_jax.models.mgkd's hash-keyed cache: an interrupted run
+  resumes, a complete cache only has its file hashes checked). On several hosts process 0 builds
+  it; the workdir must be shared, as for the checkpoints.
+- `msd`: L_MSD on SGEN, the UNet decoder, the MGKD student and its context projection (by default;
+  `config.stages.msd.trainable`); each batch carries the cached teacher embedding and grid of its
+  images. The input pipeline's geometric augmentation is off in this stage and applied inside the
+  loss to the image and the cached maps together (msd_jax.models.msd).
+"""
 import dataclasses
 import functools
 import os
@@ -13,6 +25,7 @@ from jax.experimental import multihost_utils
 from data_pipeline import datasets, input_pipeline
 from msd_jax import metrics as metrics_lib
 from msd_jax import parallel, scoring
+from msd_jax.models import mgkd as mgkd_lib
 from msd_jax.models import msd as msd_lib
 from msd_jax.models import scorer as scorer_lib
 from msd_jax.training import checkpoint as ckpt_lib
@@ -152,8 +165,13 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str):
 
 
 def _train(ctx: Context, stage: str, state, loss_fn: Callable, labels, tx, lr_schedule,
-           num_steps: int, validate: Optional[Callable]) -> StageResult:
-  """Shard, restore if a checkpoint exists, and run one stage."""
+           num_steps: int, validate: Optional[Callable], data=None,
+           extend_batch: Optional[Callable] = None) -> StageResult:
+  """Shard, restore if a checkpoint exists, and run one stage.
+
+  `data` replaces `config.data` for the training stream; `extend_batch(batch)` adds entries to
+  each global training batch.
+  """
   config, mesh = ctx.config, ctx.mesh
   shardings = steps_lib.state_shardings(state, mesh, config.mesh.fsdp_min_size)
   checkpointer = ckpt_lib.Checkpointer(
@@ -163,15 +181,17 @@ def _train(ctx: Context, stage: str, state, loss_fn: Callable, labels, tx, lr_sc
     state, meta = checkpointer.restore(ckpt_lib.abstract_like(state, shardings))
     logging.info("stage %s: resumed at step %d", stage, meta["step"])
   else:
-    state = jax.device_put(state, shardings)
+    # Fresh buffers: the donated state must not share any with the caller's params.
+    state = jax.device_put(state, shardings, may_alias=False)
   train_step = steps_lib.jit_train_step(
       steps_lib.make_train_step(loss_fn, tx, labels, lr_schedule, config.train.ema_decay),
       mesh, shardings)
 
   def batches(start):
-    return input_pipeline.train_iterator(
-        ctx.splits["train"], config.data, global_batch_size=config.train.batch_size,
+    stream = input_pipeline.train_iterator(
+        ctx.splits["train"], data or config.data, global_batch_size=config.train.batch_size,
         sharding=parallel.batch_sharding(mesh), seed=config.seed, start_step=start)
+    return stream if extend_batch is None else map(extend_batch, stream)
 
   hooks = []
   if ctx.is_main:
@@ -207,7 +227,66 @@ def vae_stage(ctx: Context, params, rng) -> StageResult:
   return _train(ctx, "vae", state, loss, labels, tx, schedule, cfg.num_steps, validate)
 
 
-STAGES = {"vae": vae_stage}
+def teacher_cache_dir(workdir: str) -> str:
+  return os.path.join(workdir, "teacher_cache")
+
+
+def teacher_cache_stage(ctx: Context, params, rng) -> StageResult:
+  """Teacher embeddings and mask grids of the training split (no parameters change)."""
+  if ctx.is_main:
+    teacher = mgkd_lib.Teacher(ctx.config)
+    counts = mgkd_lib.build_cache(teacher, [r.path for r in ctx.splits["train"]],
+                                  teacher_cache_dir(ctx.workdir), progress=False)
+    logging.info("stage teacher_cache: %s", counts)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("teacher_cache")
+  return StageResult(state_lib.TrainState(step=0, params=params, opt_state=None, rng=rng), False)
+
+
+class TeacherTargets:
+  """Host tables of the cached teacher embedding and grid per training record, added to batches.
+
+  `__call__(batch)` looks up this process's rows by `batch["index"]` and returns the batch with
+  global `teacher_embedding` (B, H_T, W_T, C_T) and `grid` (B, h, w) arrays.
+  """
+
+  def __init__(self, cache_dir: str, records, mesh, embedding_shape):
+    cache = mgkd_lib.TeacherCache(cache_dir)
+    if tuple(cache.embedding_shape) != tuple(embedding_shape):
+      raise ValueError(f"{cache_dir}: cached teacher embeddings are {cache.embedding_shape}, the "
+                       f"model's student expects {tuple(embedding_shape)}")
+    pairs = [cache.get(r.path) for r in records]
+    self.embeddings = np.stack([e for e, _ in pairs]).astype(np.float32)
+    self.grids = np.stack([g for _, g in pairs]).astype(np.float32)
+    self.mesh = mesh
+    self.sharding = parallel.batch_sharding(mesh)
+
+  def __call__(self, batch):
+    index = multihost_utils.global_array_to_host_local_array(
+        batch["index"], self.mesh, self.sharding.spec)
+    index = np.asarray(index)
+    extra = {"teacher_embedding": self.embeddings[index], "grid": self.grids[index]}
+    return dict(batch, **{k: jax.make_array_from_process_local_data(self.sharding, v)
+                          for k, v in extra.items()})
+
+
+def msd_stage(ctx: Context, params, rng) -> StageResult:
+  """L_MSD with the VAE frozen, teacher targets from the cache, validation through `reconstruct`."""
+  config = ctx.config
+  cfg = config.stages.msd
+  targets = TeacherTargets(teacher_cache_dir(ctx.workdir), ctx.splits["train"], ctx.mesh,
+                           msd_lib.teacher_embedding_shape(config))
+  data = config.data.copy_and_resolve_references()
+  data.augment.flip = data.augment.rot90 = False  # applied in the loss, with the cached maps
+  state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
+  loss = functools.partial(ctx.model.msd_loss, kd_weight=cfg.kd_weight,
+                           grid_dropout=cfg.grid_dropout)
+  validate = make_validator(ctx, ctx.model.reconstruct, "msd")
+  return _train(ctx, "msd", state, loss, labels, tx, schedule, cfg.num_steps, validate,
+                data=data, extend_batch=targets)
+
+
+STAGES = {"vae": vae_stage, "teacher_cache": teacher_cache_stage, "msd": msd_stage}
 
 
 def train_and_evaluate(config, workdir: str):
@@ -222,6 +301,10 @@ def train_and_evaluate(config, workdir: str):
     if not splits[split]:
       raise ValueError(f"the {split} split of data.kind={config.data.kind} is empty")
   is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   writer.write_hparams({k: str(v) for k, v in config.items() if not hasattr(v, "items")})
   ctx = Context(config, workdir, mesh, splits, msd_lib.MSD(config), writer, is_main)
