@@ -18,6 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 demo: install
 	$(PY) train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install
 	$(PY) -m pytest -q --durations=15 tests
