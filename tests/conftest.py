@@ -10,3 +10,6 @@ import jax  # noqa: E402
 _CACHE = os.environ.get("MSD_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax"))
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Start the backend now, while XLA_FLAGS holds the device count: tests that edit the environment
+# for their subprocesses must not change the devices of this process.
+assert jax.device_count() >= 1
