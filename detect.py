@@ -1,4 +1,5 @@
-"""Defect maps for new slab photos: `python detect.py --workdir=DIR --input=PATHS_OR_FOLDER --out=OUT`.
+"""Defect maps for new slab photos:
+`python detect.py --workdir=DIR --input=PATHS_OR_FOLDER --out=OUT`.
 
 Any size and mode (grayscale, RGB, RGBA, 16-bit PNG, JPEG); large images are tiled. Writes
 OUT/<stem>_mask.png, OUT/<stem>_overlay.png and OUT/results.jsonl; exits non-zero if any file

@@ -1,4 +1,4 @@
-"""Test-split evaluation: `python eval.py --config=configs/msd.py:VARIANT --workdir=DIR`.
+"""Test-split evaluation: `python eval.py --workdir=DIR [--config=configs/msd.py:VARIANT]`.
 
 Restores the best checkpoint (chosen on validation), reconstructs and scores the test split in one
 jitted function per batch, and writes DIR/eval/: metrics.json, maps.npz, a grid per defect type,
@@ -10,6 +10,7 @@ Maps are evaluated at the model's resolution (the input pipeline resizes each te
 `data.image_size`, as validation does) or, with `data.tile_size > 0`, stitched from native-
 resolution tiles (msd_jax/tiling.py) and evaluated against the native masks.
 """
+import functools
 import os
 
 from absl import app
@@ -25,7 +26,8 @@ from msd_jax import metrics as metrics_lib
 from msd_jax import report
 from msd_jax import tiling
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/msd.py:demo", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config (default: the one saved in the workdir).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
 _T_START = flags.DEFINE_integer("t_start", None, "Partial-noising timestep (config.diffusion).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "DDIM steps (diffusion.num_inference_steps).")
@@ -88,11 +90,11 @@ def _stitch_records(config, records, got, has_masks):
   if len(sizes) != 1:
     raise ValueError(f"data.tile_size > 0 needs test images of one size to stack the maps; got "
                      f"{sorted(sizes)} (e.g. {records[0].path})")
+  native = functools.partial(detector_lib.resample, shape=(data.tile_size, data.tile_size))
   images, recons, masks, maps, scores = [], [], [], [], []
   for i, record in enumerate(records):
     sel = got["index"] == i
     grid = tiling.make_grid(*record.size, data.tile_size, data.tile_overlap)
-    native = lambda a: detector_lib.resample(a, (data.tile_size, data.tile_size))  # pylint: disable=cell-var-from-loop
     maps.append(tiling.stitch(np.stack([native(m) for m in got["map"][sel]]), grid))
     recons.append(detector_lib.from_model_range(
         tiling.stitch(np.stack([native(m) for m in got["recon"][sel]]), grid)))
@@ -122,7 +124,8 @@ def evaluate(config, predict_fn, records, out_dir, thresholds=None, info=None, n
   if thresholds is None:
     thresholds = {"image": metrics["image"]["threshold"],
                   "pixel": metrics.get("pixel", {}).get("threshold", np.inf)}
-    info["thresholds"] = "F1-optimal on the test split (no validation thresholds saved)"
+    info["thresholds"] = ("F1-optimal on the test split (no validation thresholds for these "
+                          "settings)")
   else:
     info["thresholds"] = "F1-optimal on the validation split"
   info.update({"t_start": config.diffusion.t_start,
@@ -135,17 +138,30 @@ def evaluate(config, predict_fn, records, out_dir, thresholds=None, info=None, n
   return metrics
 
 
-def main(argv):
-  del argv
-  config = apply_overrides(_CONFIG.value, _T_START.value, _NUM_STEPS.value, _LAYERS.value,
-                           _SIGMA.value)
-  workdir = _WORKDIR.value
+def run_eval(config, workdir, num_bins=None, saved_thresholds=True):
+  """What eval.py does: the best checkpoint of `workdir` on its test split, the report in
+  `workdir/eval/`. Returns (metrics, the report folder).
+
+  `saved_thresholds=False` ignores the checkpoint's validation thresholds (they were fixed for
+  the training config's diffusion and scorer settings, not for an ablation's).
+  """
   model = detector_lib.load_model(config, workdir)
   splits = datasets.load_splits(config.data, default_root=os.path.join(workdir, "data"))
   out_dir = os.path.join(workdir, "eval")
   metrics = evaluate(config, model.predict_fn, splits["test"], out_dir,
-                     thresholds=model.thresholds, info=model.info, num_bins=_NUM_BINS.value)
+                     thresholds=model.thresholds if saved_thresholds else None,
+                     info=model.info, num_bins=num_bins)
   logging.info("wrote %s", out_dir)
+  return metrics, out_dir
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value or detector_lib.load_config(_WORKDIR.value)
+  overrides = (_T_START.value, _NUM_STEPS.value, _LAYERS.value, _SIGMA.value)
+  config = apply_overrides(config, *overrides)
+  metrics, out_dir = run_eval(config, _WORKDIR.value, num_bins=_NUM_BINS.value,
+                              saved_thresholds=all(v is None for v in overrides))
   print(report.format_table(metrics))
   print(f"\nreport: {os.path.join(out_dir, 'index.html')}")
 

@@ -1,16 +1,25 @@
 """eval outputs: metrics.json equals the metrics recomputed from the saved maps, and every
-picture and index.html is written."""
+picture and index.html is written; eval and detect on a checkpoint trained by the real loop."""
 import importlib.util
+import io
 import json
 import os
+import pathlib
 
+import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs.msd import get_config
 from data_pipeline import datasets
+from msd_jax import detector as detector_lib
+from msd_jax import image_io
 from msd_jax import metrics as metrics_lib
+from msd_jax import parallel
 from msd_jax import report
+from msd_jax.training import checkpoint
+from msd_jax.training import loop
 
 SIZE = get_config("tiny").data.image_size
 
@@ -105,3 +114,95 @@ def test_evaluate_split_end_to_end(eval_main, tmp_path):
   for name in [f"grid_{t}.png" for t in types] + ["grid_good.png", "roc_pr.png",
                                                   "score_histogram.png", "index.html"]:
     assert (out / name).stat().st_size > 0, name
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """A tiny run through the real training loop (one step per stage, the settings of
+  test_training's smoke test, so the compilation cache is shared)."""
+  config = get_config("tiny")
+  config.mesh.data = 2
+  config.stages.vae.num_steps = 1
+  config.stages.msd.num_steps = 1
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  original = parallel.make_mesh
+  try:
+    parallel.make_mesh = lambda cfg, devices=None: original(cfg, jax.devices()[:2])
+    loop.train_and_evaluate(config, workdir)
+  finally:
+    parallel.make_mesh = original
+  return workdir
+
+
+def _best_msd_meta(workdir):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "msd"),
+                                 best_metric="val_auroc")
+  try:
+    return ckpt.restore_meta(ckpt.best_step())
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_eval_on_trained_checkpoint(eval_main, trained_workdir):
+  """eval's real path on a trained checkpoint: the best msd checkpoint with its validation
+  thresholds, every picture and index.html, and metrics.json equal to the metrics recomputed
+  from the saved maps."""
+  config = detector_lib.load_config(trained_workdir)  # what detect uses: one compiled program
+  metrics, out_dir = eval_main.run_eval(config, trained_workdir)
+  out = pathlib.Path(out_dir)
+  assert out == pathlib.Path(trained_workdir) / "eval"
+  saved = json.loads((out / "metrics.json").read_text())
+  arrays = np.load(out / "maps.npz")
+  test = datasets.load_splits(config.data, default_root=os.path.join(trained_workdir, "data"))
+  test = test["test"]
+  assert arrays["maps"].shape == (len(test), SIZE, SIZE)
+  assert np.isfinite(arrays["maps"]).all() and arrays["maps"].std() > 0
+  np.testing.assert_array_equal(arrays["labels"], [r.label for r in test])
+  recomputed = metrics_lib.compute_metrics(arrays["scores"], arrays["labels"], arrays["maps"],
+                                           arrays["masks"], list(arrays["defect_types"]))
+  assert _nan_equal(saved["metrics"], json.loads(json.dumps(report.jsonable(recomputed))))
+  assert _nan_equal(saved["metrics"], json.loads(json.dumps(report.jsonable(metrics))))
+  assert saved["thresholds"] == pytest.approx(_best_msd_meta(trained_workdir)["thresholds"])
+  assert saved["info"]["checkpoint"] == "msd step 1"
+  types = sorted({r.defect_type for r in test if r.label})
+  for name in [f"grid_{t}.png" for t in types] + ["grid_good.png", "roc_pr.png",
+                                                  "score_histogram.png", "index.html"]:
+    assert (out / name).stat().st_size > 0, name
+  page = (out / "index.html").read_text()
+  assert all(f"src='grid_{t}.png'" in page for t in types)
+
+
+@pytest.mark.slow
+def test_detect_on_trained_checkpoint(trained_workdir, tmp_path):
+  """detect's real path (Detector.from_workdir, detect_inputs) on the same checkpoint: a slab
+  larger than the training images, a grayscale PNG and a corrupt file give two results, one
+  reported failure and exit code 1; verdicts and masks follow the saved thresholds."""
+  rng = np.random.default_rng(0)
+  inputs = tmp_path / "inputs"
+  inputs.mkdir()
+  first = sorted((pathlib.Path(trained_workdir) / "data" / "images").glob("*.png"))[0]
+  slab = np.asarray(Image.open(first).convert("RGB"))
+  Image.fromarray(np.tile(slab, (3, 3, 1))[:150, :170]).save(inputs / "slab.jpg", quality=95)
+  Image.fromarray(rng.integers(0, 255, (SIZE, SIZE), dtype=np.uint8)).save(inputs / "gray.png")
+  (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 10)
+  detector = detector_lib.Detector.from_workdir(trained_workdir)
+  assert detector.thresholds == pytest.approx(_best_msd_meta(trained_workdir)["thresholds"])
+  log = io.StringIO()
+  code = detector_lib.detect_inputs(detector, [str(inputs)], str(tmp_path / "out"), stream=log)
+  assert code == 1 and "1 failed" in log.getvalue() and "corrupt.png" in log.getvalue()
+  lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text()
+           .splitlines()]
+  results = {os.path.basename(r["path"]): r for r in lines if "score" in r}
+  assert sorted(results) == ["gray.png", "slab.jpg"]
+  assert [os.path.basename(r["path"]) for r in lines if "error" in r] == ["corrupt.png"]
+  for name, shape in (("slab.jpg", (150, 170)), ("gray.png", (SIZE, SIZE))):
+    r = results[name]
+    assert np.isfinite(r["score"])
+    assert r["defective"] == (r["score"] >= r["image_threshold"])
+    assert r["image_threshold"] == detector.thresholds["image"]
+    mask = np.asarray(Image.open(tmp_path / "out" / r["mask"])) > 0
+    assert mask.shape == shape
+    (det,) = detector.predict([image_io.read_image(inputs / name)])
+    np.testing.assert_array_equal(mask, det.anomaly_map >= r["pixel_threshold"])
+    assert det.score == pytest.approx(r["score"], rel=1e-6)
