@@ -93,7 +93,7 @@ def _restore_best(config, workdir: str):
       step = checkpointer.latest_step() if step is None else step
       if step is None:
         continue
-      state, meta = checkpointer.restore(None, step)
+      state, meta = checkpointer.restore_on_device(step)
     finally:
       checkpointer.close()
     params = state.get("ema_params") or state["params"]

@@ -147,6 +147,26 @@ def test_keeps_last_k_and_best(tmp_path):
   ckpt.close()
 
 
+def test_restore_on_one_device_from_a_sharded_save(tmp_path):
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from msd_jax.training import checkpoint
+
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  state = {"w": jax.device_put(np.arange(64, dtype=np.float32).reshape(8, 8),
+                               NamedSharding(mesh, P("data"))),
+           "step": jax.device_put(np.int32(3), NamedSharding(mesh, P()))}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "sharded"), keep=1)
+  ckpt.save(3, state, {"step": 3})
+  ckpt.wait()
+  restored, meta = ckpt.restore_on_device(3)
+  ckpt.close()
+  assert meta["step"] == 3
+  assert restored["w"].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+  assert int(restored["step"]) == 3
+
+
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -6,6 +6,7 @@ metrics and the F1-optimal thresholds). Preservation keeps the last `keep` check
 the best one by `best_metric` (higher is better) among those saved with validation metrics.
 `StopSignal` turns SIGTERM/SIGINT into a flag the loop polls, so it can save and exit cleanly.
 """
+import os
 import signal
 from typing import Any, Optional
 
@@ -60,6 +61,17 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out["state"], dict(out["meta"])
+
+  def restore_on_device(self, step: Optional[int] = None, device=None):
+    """(state, meta) at `step` onto one device, whatever mesh wrote it (evaluation, detection)."""
+    step = self.manager.latest_step() if step is None else step
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    tree = ocp.StandardCheckpointer().metadata(
+        os.path.join(str(self.manager.directory), str(step), "state")).item_metadata
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree,
+        is_leaf=lambda m: hasattr(m, "shape"))
+    return self.restore(abstract, step)
 
   def restore_meta(self, step: int) -> dict:
     out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
