@@ -9,12 +9,7 @@ from configs.msd import get_config
 from msd_jax.models import sgen, unet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _inputs(config, batch=2, seed=0):

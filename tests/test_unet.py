@@ -13,12 +13,7 @@ from msd_jax.models import unet as unet_lib
 B, HW, L = 2, 8, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _diffusers_kwargs(cfg):

@@ -12,12 +12,7 @@ from msd_jax.models import vae as vae_lib
 B = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
