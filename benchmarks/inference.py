@@ -13,7 +13,8 @@ sigma 4, max of the average-pooled map).
   `torch.inference_mode()`, eager float32.
 - msd-jax: the same weights converted; one jitted program (`AutoencoderKL`, `SGEN` with the
   plain hint encoder and SFF off, `UNet2DConditionModel`, `samplers.reconstruct`'s `lax.scan`,
-  `scoring`), compiled once per batch size (compile time reported separately).
+  `scoring`), compiled once per batch size (compile time reported separately). The hint
+  encoder runs once per image, before the scan (diffusers reruns it at every step).
 
 Sizes: the demo config's VAE, UNet, student and diffusion settings (t_start 249, 10 DDIM steps)
 at `--size` pixels (256: latent 32 x 32). Both sides get the same images and q_sample noise
@@ -53,7 +54,7 @@ def inputs(s: dict) -> dict:
   rng = np.random.default_rng(0)
   b, h = s["batch"], s["latent"]
   return dict(image=rng.uniform(-1, 1, (b, s["size"], s["size"], 3)).astype(np.float32),
-              noise=rng.standard_normal((b, h, h, 4)).astype(np.float32))
+              noise=rng.standard_normal((b, h, h, s["unet"]["in_channels"])).astype(np.float32))
 
 
 # ----------------------------------------------------------------------------- PyTorch worker
@@ -228,7 +229,7 @@ def jax_worker(s: dict, weights: str) -> None:
   student = train_step.jax_student_cls()(s["student_width"], train_step._pool(s), s["unet"]["cross_attention_dim"])
   backbone = scorer_lib.efficientnet_lite0()
   x = {k: jnp.asarray(v) for k, v in inputs(s).items()}
-  image1, z1 = x["image"][:1], jnp.zeros((1, s["latent"], s["latent"], 4))
+  image1, z1 = x["image"][:1], jnp.zeros((1, s["latent"], s["latent"], s["unet"]["in_channels"]))
   t1, c1 = jnp.zeros((1,), jnp.int32), jnp.zeros((1, s["tokens"], s["unet"]["cross_attention_dim"]))
   targets = {
       "vae": jax.eval_shape(vae.init, jax.random.key(0), image1),
@@ -249,9 +250,11 @@ def jax_worker(s: dict, weights: str) -> None:
   def detect(params, scorer_vars, image, noise):
     z0 = vae.apply({"params": params["vae"]}, image, method="encode").mode() * scale
     _, c = student.apply({"params": params["student"]}, z0)
+    # The hint depends on the image only: computed once, outside the DDIM scan.
+    hint = control.apply({"params": params["control"]}, image, z0.shape[1:3], method=sgen_lib.SGEN.hint)
 
     def denoise(z, t):
-      down, mid = control.apply({"params": params["control"]}, image, z, t, c)
+      down, mid = control.apply({"params": params["control"]}, image, z, t, c, hint)
       return unet.apply({"params": params["unet"]}, z, t, c, down, mid)
 
     z = samplers.reconstruct(denoise, z0, s["t_start"], s["num_steps"], jax.random.key(0), schedule, noise=noise)

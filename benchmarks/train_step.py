@@ -47,14 +47,18 @@ def spec(name: str) -> dict:
   config = get_config("tiny" if name == "tiny" else "demo")
   u = config.model.unet
   widths = (128, 256, 512) if name == "mid" else tuple(u.block_out_channels)
-  latent = 32 if name == "mid" else config.data.image_size // 8
+  # Image pixels per latent pixel: the VAE's (mid: 8, the SD VAE's); the plain hint encoder
+  # downsamples by as much (one stride-2 per level after the first).
+  factor = 8 if name == "mid" else 2 ** (len(config.model.vae.block_out_channels) - 1)
+  latent = 32 if name == "mid" else config.data.image_size // factor
+  hint_levels = factor.bit_length()
   unet = dict(in_channels=u.in_channels, out_channels=u.out_channels, layers_per_block=u.layers_per_block,
               block_out_channels=widths, down_block_types=tuple(u.down_block_types),
               up_block_types=tuple(u.up_block_types), cross_attention_dim=u.cross_attention_dim,
               attention_head_dim=u.attention_head_dim, norm_num_groups=u.norm_num_groups)
   m = config.model.mgkd
-  return dict(unet=unet, hint_channels=tuple(config.model.sgen.hint_block_out_channels),
-              batch=8 if name == "mid" else config.train.batch_size, latent=latent,
+  return dict(unet=unet, hint_channels=tuple(config.model.sgen.hint_block_out_channels)[:hint_levels],
+              factor=factor, batch=8 if name == "mid" else config.train.batch_size, latent=latent,
               student_width=m.student_width, tokens=m.num_context_tokens,
               learning_rate=config.train.learning_rate, kd_weight=config.stages.msd.kd_weight,
               alphas_cumprod=_alphas_cumprod(config.diffusion))
@@ -71,15 +75,16 @@ def inputs(s: dict) -> dict:
   """One training batch, NHWC float32 numpy (seed 0)."""
   rng = np.random.default_rng(0)
   b, h = s["batch"], s["latent"]
-  z0 = rng.standard_normal((b, h, h, 4)).astype(np.float32)
-  noise = rng.standard_normal((b, h, h, 4)).astype(np.float32)
+  c = s["unet"]["in_channels"]
+  z0 = rng.standard_normal((b, h, h, c)).astype(np.float32)
+  noise = rng.standard_normal((b, h, h, c)).astype(np.float32)
   t = rng.integers(0, len(s["alphas_cumprod"]), b).astype(np.int32)
   a = s["alphas_cumprod"][t][:, None, None, None]
   return dict(
       z0=z0, noise=noise, t=t, z_t=(np.sqrt(a) * z0 + np.sqrt(1 - a) * noise).astype(np.float32),
       grid=rng.uniform(0, 1, (b, h, h)).astype(np.float32),
       teacher=rng.standard_normal((b, h, h, TEACHER_CHANNELS)).astype(np.float32),
-      image=rng.uniform(-1, 1, (b, 8 * h, 8 * h, 3)).astype(np.float32))
+      image=rng.uniform(-1, 1, (b, s["factor"] * h, s["factor"] * h, 3)).astype(np.float32))
 
 
 def _pool(s: dict) -> int:
@@ -99,7 +104,7 @@ def torch_student(s: dict):
     def __init__(self):
       super().__init__()
       w = s["student_width"]
-      self.conv_in = nn.Conv2d(4, w, 3, padding=1)
+      self.conv_in = nn.Conv2d(s["unet"]["in_channels"], w, 3, padding=1)
       self.conv_mid = nn.Conv2d(w, w, 3, padding=1)
       self.conv_out = nn.Conv2d(w, TEACHER_CHANNELS, 3, padding=1)
       self.context_proj = nn.Linear(TEACHER_CHANNELS, s["unet"]["cross_attention_dim"])

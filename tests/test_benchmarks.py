@@ -64,3 +64,4 @@ def test_inference_benchmark_one_call(capsys):
   assert r["score_diff"] < 1e-3  # the same detector in both frameworks
   assert r["compile_s"] > 0 and r["flops"] > 0
   assert "img/s" in capsys.readouterr().out
+

@@ -248,8 +248,11 @@ class SGEN(UNetEncoder):
     return sum(_resize(semantic(level), latent_hw)
                for semantic, level in zip(self.semantic, self.bpnet(image)))
 
-  def __call__(self, image, sample, timesteps, encoder_hidden_states):
-    hint = self.hint(image, sample.shape[1:3])
+  def __call__(self, image, sample, timesteps, encoder_hidden_states, hint=None):
+    """`hint`, when given, is `hint(image, latent_hw)` computed beforehand (`method=SGEN.hint`):
+    it depends only on the image, so a sampling loop computes it once instead of every step."""
+    if hint is None:
+      hint = self.hint(image, sample.shape[1:3])
     mid, skips, _ = self.encode(sample, timesteps, encoder_hidden_states, hint)
     features = list(skips) + [mid]
     if self.use_sff:
