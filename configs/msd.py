@@ -207,8 +207,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 600}[variant]
   config.stages.msd.kd_weight = 1.0  # lambda in L_MSD = eps-loss + lambda * L_KD
   config.stages.msd.grid_dropout = 0.5  # P(student input z0 * 1, as at inference, not z0 * G)
-  config.stages.msd.trainable = (  # DiAD's choice: SGEN, UNet decoder, MGKD student + context
-      "sgen/", "unet/up_blocks_", "unet/conv_norm_out/", "unet/conv_out/", "mgkd/")
+  # DiAD's choice for a pretrained SD UNet: SGEN, UNet decoder, MGKD student + context. demo has
+  # no pretrained UNet, so a frozen encoder would be a random one: it trains the whole UNet.
+  config.stages.msd.trainable = {"demo": ("sgen/", "unet/", "mgkd/")}.get(variant, (
+      "sgen/", "unet/up_blocks_", "unet/conv_norm_out/", "unet/conv_out/", "mgkd/"))
 
   config.eval = ml_collections.ConfigDict()  # validation split only; the test split is eval.py's
   config.eval.every_steps = {"full": 5000, "small": 2000, "tiny": 2, "demo": 300}[variant]
