@@ -128,9 +128,10 @@ class MSD:
 
   # --------------------------------------------------------------------------- MSD
 
-  def guided_output(self, params, images, z_t, t, context):
-    """UNet output (eps for the default prediction type) with SGEN's residuals."""
-    down, mid = self.sgen.apply({"params": params["sgen"]}, images, z_t, t, context)
+  def guided_output(self, params, images, z_t, t, context, hint=None):
+    """UNet output (eps for the default prediction type) with SGEN's residuals; `hint` is SGEN's
+    image-only conditioning when computed beforehand."""
+    down, mid = self.sgen.apply({"params": params["sgen"]}, images, z_t, t, context, hint)
     return self.unet.apply({"params": params["unet"]}, z_t, t, context, down, mid)
 
   def msd_loss(self, params, batch, rng, kd_weight: float, grid_dropout: float = 0.0):
@@ -166,7 +167,9 @@ class MSD:
     d = self.config.diffusion
     z0 = self.encode(params, images)
     _, context = self.mgkd.apply({"params": params["mgkd"]}, z0, jnp.ones(z0.shape[:3], z0.dtype))
-    denoise = lambda z_t, t: self.guided_output(params, images, z_t, t, context)
+    hint = self.sgen.apply({"params": params["sgen"]}, images, z0.shape[1:3],
+                           method=sgen_lib.SGEN.hint)  # the image's, the same at every step
+    denoise = lambda z_t, t: self.guided_output(params, images, z_t, t, context, hint)
     z0_hat = samplers.reconstruct(denoise, z0, d.t_start, d.num_inference_steps, rng, self.schedule,
                                   eta=d.eta, prediction_type=d.prediction_type)
     return jnp.clip(self.decode(params, z0_hat), -1.0, 1.0)
