@@ -202,6 +202,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.stages.vae.kl_weight = 1e-6
   config.stages.vae.perceptual_weight = 0.0  # > 0: scorer-feature distance term
   config.stages.vae.init_checkpoint = ""  # converted AutoencoderKL params (skips training)
+  # After training (not with converted weights, which keep model.vae.scaling_factor): latent
+  # scale = 1 / std of the latents of the first `scale_images` training images (LDM scale_by_std).
+  config.stages.vae.scale_by_std = True
+  config.stages.vae.scale_images = 64
   config.stages.vae.trainable = ("vae/",)
   config.stages.msd = ml_collections.ConfigDict()
   config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 600}[variant]

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from configs.msd import get_config
+from data_pipeline import datasets, input_pipeline
 from msd_jax import parallel
+from msd_jax.models import msd as msd_lib
 from msd_jax.training import loop, optim, state as state_lib, steps
 
 
@@ -95,6 +97,13 @@ def test_one_step_of_every_stage_through_the_real_loop(tmp_path):
              zip(jax.tree.leaves(final[group]), jax.tree.leaves(before[group]))]
     assert any(moved), group
   assert not np.array_equal(final["unet"]["conv_out"]["kernel"], before["unet"]["conv_out"]["kernel"])
+  # scale_by_std: the stored latent scale gives the training latents unit variance.
+  records = datasets.load_splits(config.data, os.path.join(workdir, "data"))["train"]
+  records = records[:config.stages.vae.scale_images]
+  images = next(input_pipeline.eval_dataset(records, image_size=config.data.image_size,
+                                            global_batch_size=len(records)).as_numpy_iterator())["image"]
+  assert float(final["latent_scale"]) != pytest.approx(config.model.vae.scaling_factor)
+  assert float(np.std(msd_lib.MSD(config).encode(final, images))) == pytest.approx(1.0, rel=1e-3)
   cache = os.path.join(workdir, "teacher_cache")
   assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) > 0
   with open(os.path.join(workdir, "config.json")) as f:

@@ -102,7 +102,8 @@ class MSD:
     sgen = self.sgen.init(k_sgen, image, latent, t, context)["params"]
     sgen = sgen_lib.init_control_from_unet(unet, sgen)  # jit output: buffers not shared
     mgkd = self.mgkd.init(k_mgkd, latent, jnp.ones(latent.shape[:3]))["params"]
-    return {"vae": vae, "unet": unet, "sgen": sgen, "mgkd": mgkd}
+    latent_scale = jnp.asarray(self.config.model.vae.scaling_factor, jnp.float32)
+    return {"vae": vae, "unet": unet, "sgen": sgen, "mgkd": mgkd, "latent_scale": latent_scale}
 
   # --------------------------------------------------------------------------- autoencoder
 
@@ -118,12 +119,19 @@ class MSD:
     return jnp.clip(self.vae.apply({"params": params["vae"]}, images)[0], -1.0, 1.0)
 
   def encode(self, params, images):
-    """Scaled latents z0 = scaling_factor * mode of the posterior."""
+    """Scaled latents z0 = latent_scale * mode of the posterior."""
     posterior = self.vae.apply({"params": params["vae"]}, images, method="encode")
-    return posterior.mode() * self.config.model.vae.scaling_factor
+    return posterior.mode() * params["latent_scale"]
+
+  def latent_scale_from_data(self, params, images):
+    """LDM's `scale_by_std`: 1 / std of the unscaled latents of `images`, so that z0 has unit
+    variance and the noise schedule's signal-to-noise ratios (and `t_start`) mean what they say.
+    SD's 0.18215 fits SD's own VAE only; a VAE trained here has latents of another scale."""
+    posterior = self.vae.apply({"params": params["vae"]}, images, method="encode")
+    return 1.0 / jnp.std(posterior.mode())
 
   def decode(self, params, z0):
-    z = z0 / self.config.model.vae.scaling_factor
+    z = z0 / params["latent_scale"]
     return self.vae.apply({"params": params["vae"]}, z, method="decode")
 
   # --------------------------------------------------------------------------- MSD

@@ -224,7 +224,22 @@ def vae_stage(ctx: Context, params, rng) -> StageResult:
   state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
   loss = functools.partial(ctx.model.vae_loss, kl_weight=cfg.kl_weight)
   validate = make_validator(ctx, ctx.model.vae_reconstruct, "vae")
-  return _train(ctx, "vae", state, loss, labels, tx, schedule, cfg.num_steps, validate)
+  result = _train(ctx, "vae", state, loss, labels, tx, schedule, cfg.num_steps, validate)
+  if cfg.scale_by_std and not result.preempted:
+    result.state = result.state.replace(params=_with_latent_scale(ctx, result.state.params))
+  return result
+
+
+def _with_latent_scale(ctx: Context, params):
+  """`params` with `latent_scale` = 1 / std of the trained VAE's latents on training images."""
+  records = ctx.splits["train"][:ctx.config.stages.vae.scale_images]
+  images = np.concatenate([
+      b["image"][b["valid"]] for b in input_pipeline.eval_dataset(
+          records, image_size=ctx.config.data.image_size,
+          global_batch_size=len(records)).as_numpy_iterator()])
+  scale = jax.jit(ctx.model.latent_scale_from_data)(params, images)
+  logging.info("latent scale 1/std of %d training latents: %.5f", len(images), float(scale))
+  return dict(params, latent_scale=scale)
 
 
 def teacher_cache_dir(workdir: str) -> str:
