@@ -167,3 +167,22 @@ def alternate(workers: Sequence[Worker], rounds: int, steps: int) -> dict[str, l
     for w in (workers if r % 2 == 0 else workers[::-1]):
       times[w.name] += w.request("run", steps=steps)["times"]
   return times
+
+
+def run_side_by_side(script: str, args: list, rounds: int, steps: int, warmup: int):
+  """Starts `script`'s PyTorch worker (its warm-up writes the shared weights), then its JAX worker;
+  warms both up and alternates timed rounds. Returns (warm-up replies, times, peak RSS), each
+  keyed by framework."""
+  pt = Worker(script, "torch", args, env=TORCH_ENV)
+  try:
+    pt_warm = pt.request("warmup", steps=warmup)
+    jx = Worker(script, "jax", args)
+    try:
+      jx_warm = jx.request("warmup", steps=warmup)
+      times = alternate([jx, pt], rounds, steps)
+      rss = {w.name: w.request("stats") for w in (jx, pt)}
+    finally:
+      jx.close()
+  finally:
+    pt.close()
+  return {"jax": jx_warm, "torch": pt_warm}, times, rss

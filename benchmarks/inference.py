@@ -288,18 +288,8 @@ def jax_worker(s: dict, weights: str) -> None:
 def benchmark(size: int, batch: int, rounds: int, steps: int, warmup: int, peak: float) -> dict:
   with tempfile.TemporaryDirectory() as weights:
     args = [f"--size={size}", f"--batch={batch}", f"--weights={weights}"]
-    pt = common.Worker(__file__, "torch", args, env=common.TORCH_ENV)
-    try:
-      pt_warm = pt.request("warmup", steps=warmup)  # also writes the weights
-      jx = common.Worker(__file__, "jax", args)
-      try:
-        jx_warm = jx.request("warmup", steps=warmup)
-        times = common.alternate([jx, pt], rounds, steps)
-        rss = {w.name: w.request("stats") for w in (jx, pt)}
-      finally:
-        jx.close()
-    finally:
-      pt.close()
+    warm, times, rss = common.run_side_by_side(__file__, args, rounds, steps, warmup)
+  jx_warm, pt_warm = warm["jax"], warm["torch"]
   jt, tt = common.summary(times["jax"]), common.summary(times["torch"])
   sj, st = np.asarray(jx_warm["scores"]), np.asarray(pt_warm["scores"])
   return dict(batch=batch, size=size, jax=jt, torch=tt, rss=rss, compile_s=jx_warm["compile_s"],

@@ -269,18 +269,8 @@ def benchmark(config: str, rounds: int, steps: int, warmup: int) -> dict:
   peak = common.matmul_peak_flops()
   with tempfile.TemporaryDirectory() as weights:
     args = [f"--config={config}", f"--weights={weights}"]
-    pt = common.Worker(__file__, "torch", args, env=common.TORCH_ENV)
-    try:
-      pt_warm = pt.request("warmup", steps=warmup)  # also writes the weights
-      jx = common.Worker(__file__, "jax", args)
-      try:
-        jx_warm = jx.request("warmup", steps=warmup)
-        times = common.alternate([jx, pt], rounds, steps)
-        rss = {w.name: w.request("stats") for w in (jx, pt)}
-      finally:
-        jx.close()
-    finally:
-      pt.close()
+    warm, times, rss = common.run_side_by_side(__file__, args, rounds, steps, warmup)
+  jx_warm, pt_warm = warm["jax"], warm["torch"]
   jt, tt = common.summary(times["jax"]), common.summary(times["torch"])
   result = dict(config=config, batch=s["batch"], latent=s["latent"], widths=s["unet"]["block_out_channels"],
                 jax=jt, torch=tt, speedup=tt["median"] / jt["median"], rss=rss, compile_s=jx_warm["compile_s"],
