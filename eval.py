@@ -33,11 +33,14 @@ _T_START = flags.DEFINE_integer("t_start", None, "Partial-noising timestep (conf
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "DDIM steps (diffusion.num_inference_steps).")
 _LAYERS = flags.DEFINE_list("layers", None, "Scorer layers, e.g. s4,s8,s16 (model.scorer.layers).")
 _SIGMA = flags.DEFINE_float("sigma", None, "Gaussian sigma of the map (model.scorer.sigma).")
+_REFERENCE = flags.DEFINE_enum("reference", None, ["input", "autoencoder"],
+                                "What x_hat is compared with (model.scorer.reference).")
 _NUM_BINS = flags.DEFINE_integer("num_bins", None, "Binned pixel metrics (large test sets).")
 flags.mark_flags_as_required(["workdir"])
 
 
-def apply_overrides(config, t_start=None, num_steps=None, layers=None, sigma=None):
+def apply_overrides(config, t_start=None, num_steps=None, layers=None, sigma=None,
+                    reference=None):
   """The ablation flags written into the config (unlocked copy semantics kept by the caller)."""
   if t_start is not None:
     config.diffusion.t_start = t_start
@@ -47,6 +50,8 @@ def apply_overrides(config, t_start=None, num_steps=None, layers=None, sigma=Non
     config.model.scorer.layers = tuple(layers)
   if sigma is not None:
     config.model.scorer.sigma = sigma
+  if reference is not None:
+    config.model.scorer.reference = reference
   return config
 
 
@@ -158,7 +163,8 @@ def run_eval(config, workdir, num_bins=None, saved_thresholds=True):
 def main(argv):
   del argv
   config = _CONFIG.value or detector_lib.load_config(_WORKDIR.value)
-  overrides = (_T_START.value, _NUM_STEPS.value, _LAYERS.value, _SIGMA.value)
+  overrides = (_T_START.value, _NUM_STEPS.value, _LAYERS.value, _SIGMA.value,
+               _REFERENCE.value)
   config = apply_overrides(config, *overrides)
   metrics, out_dir = run_eval(config, _WORKDIR.value, num_bins=_NUM_BINS.value,
                               saved_thresholds=all(v is None for v in overrides))

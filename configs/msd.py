@@ -95,6 +95,9 @@ def _scorer(variant):
   c.input_pad = 0  # pixels of padding around the scorer input (multiple of the largest stride)
   c.pad_mode = "reflect"  # reflect | symmetric | edge | constant, for input_pad
   c.border_margin = 0  # pixels at each image edge left out of the image score
+  # x_hat is compared with: input (x, the paper) | autoencoder (D(E(x)): the autoencoder's own
+  # loss of detail cancels; the vae stage's validation always uses the input)
+  c.reference = "autoencoder"
   return c
 
 
@@ -168,7 +171,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.diffusion.beta_schedule = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
   config.diffusion.beta_start = 0.00085
   config.diffusion.beta_end = 0.012
-  config.diffusion.prediction_type = "epsilon"  # epsilon | v_prediction | sample
+  # epsilon (SD v1) | v_prediction | sample. demo trains its UNet from scratch in minutes: with
+  # v the x0 error at t stays below v's error times sqrt(1 - alpha_bar_t), where eps-prediction
+  # divides it by sqrt(alpha_bar_t), so the first reverse steps from t_start are more accurate.
+  config.diffusion.prediction_type = {"demo": "v_prediction"}.get(variant, "epsilon")
   config.diffusion.t_start = {"full": 999, "small": 999, "tiny": 999, "demo": 249}[variant]  # partial noising
   config.diffusion.num_inference_steps = {"full": 10, "small": 10, "tiny": 2, "demo": 5}[variant]
   config.diffusion.eta = 0.0  # DDIM stochasticity
@@ -184,7 +190,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.train.adam_b1 = 0.9
   config.train.adam_b2 = 0.999
   config.train.ema_decay = 0.0  # > 0: EMA of the trained weights, used for validation and test
-  config.train.checkpoint_every = {"full": 2000, "small": 1000, "tiny": 2, "demo": 300}[variant]
+  config.train.checkpoint_every = {"full": 2000, "small": 1000, "tiny": 2, "demo": 400}[variant]
   config.train.keep_checkpoints = 3  # the last K, plus the best by validation
 
   config.mesh = ml_collections.ConfigDict()  # axes ('data', 'fsdp'); batch split over both
@@ -197,9 +203,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.stages = ml_collections.ConfigDict()
   config.stages.order = ("vae", "teacher_cache", "msd")
   config.stages.vae = ml_collections.ConfigDict()
-  config.stages.vae.num_steps = {"full": 20000, "small": 10000, "tiny": 2, "demo": 300}[variant]
+  config.stages.vae.num_steps = {"full": 20000, "small": 10000, "tiny": 2, "demo": 200}[variant]
   config.stages.vae.learning_rate = {"full": 4.5e-6, "small": 1e-4, "tiny": 1e-3, "demo": 1e-3}[variant]
   config.stages.vae.kl_weight = 1e-6
+  config.stages.vae.init_logvar = -10.0  # starting posterior log-variance (vae.with_posterior_logvar)
   config.stages.vae.perceptual_weight = 0.0  # > 0: scorer-feature distance term
   config.stages.vae.init_checkpoint = ""  # converted AutoencoderKL params (skips training)
   # After training (not with converted weights, which keep model.vae.scaling_factor): latent
@@ -208,16 +215,20 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.stages.vae.scale_images = 64
   config.stages.vae.trainable = ("vae/",)
   config.stages.msd = ml_collections.ConfigDict()
-  config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 600}[variant]
+  config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 1200}[variant]
   config.stages.msd.kd_weight = 1.0  # lambda in L_MSD = eps-loss + lambda * L_KD
   config.stages.msd.grid_dropout = 0.5  # P(student input z0 * 1, as at inference, not z0 * G)
+  # Restoration training (msd_jax.anomalies; 0 = the paper's objective): this fraction of the
+  # images gets synthetic anomalies and the target is the clean latent, for t >= restore_min_t.
+  config.stages.msd.restore_prob = 0.5
+  config.stages.msd.restore_min_t = 100
   # DiAD's choice for a pretrained SD UNet: SGEN, UNet decoder, MGKD student + context. demo has
   # no pretrained UNet, so a frozen encoder would be a random one: it trains the whole UNet.
   config.stages.msd.trainable = {"demo": ("sgen/", "unet/", "mgkd/")}.get(variant, (
       "sgen/", "unet/up_blocks_", "unet/conv_norm_out/", "unet/conv_out/", "mgkd/"))
 
   config.eval = ml_collections.ConfigDict()  # validation split only; the test split is eval.py's
-  config.eval.every_steps = {"full": 5000, "small": 2000, "tiny": 2, "demo": 300}[variant]
+  config.eval.every_steps = {"full": 5000, "small": 2000, "tiny": 2, "demo": 400}[variant]
   config.eval.batch_size = {"full": 12, "small": 8, "tiny": 2, "demo": 8}[variant]
   config.eval.best_metric = "val_auroc"  # mean of image and pixel AUROC
 

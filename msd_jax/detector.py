@@ -107,7 +107,9 @@ def load_model(config, workdir: str) -> LoadedModel:
   (partial noising to `config.diffusion.t_start`, DDIM steps, decode) and scoring in one jitted
   function per batch, with the rng fixed by `config.seed` so results repeat."""
   params, meta = _restore_best(config, workdir)
-  reconstruct = getattr(msd_lib.MSD(config), RECONSTRUCTORS[meta["stage"]])
+  model = msd_lib.MSD(config)
+  reconstruct = getattr(model, RECONSTRUCTORS[meta["stage"]])
+  reference = model.scoring_reference if meta["stage"] == "msd" else lambda params, x: x
   module, variables = scorer_lib.build_scorer(config.model.scorer)
   score = scoring.make_score_fn(module, variables, config.model.scorer).func
   key = jax.random.PRNGKey(config.seed)
@@ -115,7 +117,7 @@ def load_model(config, workdir: str) -> LoadedModel:
   @jax.jit
   def predict(params, variables, images):
     x_hat = reconstruct(params, images, key)
-    maps, scores = score(variables, images, x_hat)
+    maps, scores = score(variables, reference(params, images), x_hat)
     return {"maps": maps, "scores": scores, "reconstructions": x_hat}
 
   thresholds = meta.get("thresholds")

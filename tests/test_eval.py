@@ -95,8 +95,9 @@ def test_evaluate_split_end_to_end(eval_main, tmp_path):
   """The real eval path (test split from the synthetic tiny data, tf.data stream, metrics,
   report) with a cheap model injected; the saved maps reproduce metrics.json."""
   config = eval_main.apply_overrides(get_config("tiny"), t_start=499, num_steps=3,
-                                     layers=["s4", "s8"], sigma=2.0)
+                                     layers=["s4", "s8"], sigma=2.0, reference="input")
   assert config.diffusion.t_start == 499 and config.model.scorer.layers == ("s4", "s8")
+  assert config.model.scorer.reference == "input"
   splits = datasets.load_splits(config.data, default_root=str(tmp_path / "data"))
   test = splits["test"]
   out = tmp_path / "eval"

@@ -70,6 +70,15 @@ def test_posterior_parity(converted, image):
   np.testing.assert_allclose(post.kl(), ref_post.kl().numpy(), rtol=1e-4)
 
 
+def test_with_posterior_logvar(converted, image):
+  _, model, variables = converted
+  params = vae_lib.with_posterior_logvar(variables["params"], -10.0)
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
+  post, before = encode(params, image), encode(variables["params"], image)
+  np.testing.assert_allclose(post.logvar, -10.0)
+  np.testing.assert_array_equal(post.mean, before.mean)  # the mean half is untouched
+
+
 def test_decode_parity(converted, image):
   ref, model, variables = converted
   z = np.random.default_rng(1).standard_normal((B, image.shape[1] // 8, image.shape[2] // 8, 4)).astype(np.float32)

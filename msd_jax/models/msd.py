@@ -14,6 +14,10 @@ Stage losses:
   z0, after `config.diffusion.prediction_type`), c the context tokens of the MGKD student fed
   z0 * G, and L_KD against the cached teacher embedding (`batch["teacher_embedding"]`, mask grid
   `batch["grid"]`).
+  With `restore_prob` > 0 (restoration training, msd_jax.anomalies; not in the paper), that
+  fraction of the images gets synthetic anomalies: SGEN, the student and z_t see the corrupted
+  image, the target is the eps that leads back to the clean z0, and t is drawn from
+  [restore_min_t, T), since the first reverse steps at inference are the ones that must repair.
 
 Choices where the paper is silent:
 - Geometric augmentation in the msd stage: the teacher cache holds the embedding and grid of the
@@ -31,6 +35,7 @@ Choices where the paper is silent:
 import jax
 import jax.numpy as jnp
 
+from msd_jax import anomalies
 from msd_jax.diffusion import samplers
 from msd_jax.diffusion import schedule as schedule_lib
 from msd_jax.models import mgkd as mgkd_lib
@@ -68,6 +73,13 @@ def _random_flip_rot90(key, arrays, flip: bool, rot90: bool):
     return jax.lax.switch(k, [lambda y, n=n: jnp.rot90(y, n, axes=(0, 1)) for n in range(4)], x)
 
   return [jax.vmap(one)(x, flips, turns) for x in arrays]
+
+
+def restoration_eps(schedule, z0, z_t, t, noise, restored):
+  """eps target per sample: `noise` where not `restored`, else the eps that leads from z_t back
+  to the clean z0 (x0_from_eps(z_t, t, eps) = z0)."""
+  back = schedule_lib.eps_from_x0(schedule, z_t, t, z0)
+  return jnp.where(restored.reshape((-1,) + (1,) * (z0.ndim - 1)), back, noise)
 
 
 class MSD:
@@ -142,24 +154,35 @@ class MSD:
     down, mid = self.sgen.apply({"params": params["sgen"]}, images, z_t, t, context, hint)
     return self.unet.apply({"params": params["unet"]}, z_t, t, context, down, mid)
 
-  def msd_loss(self, params, batch, rng, kd_weight: float, grid_dropout: float = 0.0):
+  def msd_loss(self, params, batch, rng, kd_weight: float, grid_dropout: float = 0.0,
+               restore_prob: float = 0.0, restore_min_t: int = 0):
     x, z_t_emb, grid = batch["image"], batch["teacher_embedding"], batch["grid"]
-    k_aug, k_t, k_noise, k_drop = jax.random.split(rng, 4)
+    k_aug, k_t, k_noise, k_drop, k_bad = jax.random.split(rng, 5)
     aug = self.config.data.augment
     if aug.flip or aug.rot90:
       x, z_t_emb, grid = _random_flip_rot90(k_aug, [x, z_t_emb, grid], aug.flip, aug.rot90)
+    num_t = self.schedule.num_train_timesteps
+    t = jax.random.randint(k_t, (x.shape[0],), 0, num_t)
     z0 = jax.lax.stop_gradient(self.encode(params, x))
+    x_in, z0_in = x, z0
+    if restore_prob > 0:
+      x_in, masks = anomalies.corrupt(k_bad, x, restore_prob)
+      restored = jnp.max(masks, axis=(1, 2)) > 0
+      z0_in = jax.lax.stop_gradient(self.encode(params, x_in))
+      t = jnp.where(restored, restore_min_t + t * (num_t - restore_min_t) // num_t, t)
     drop = jax.random.bernoulli(k_drop, grid_dropout, (x.shape[0], 1, 1))
-    z_s, context = self.mgkd.apply({"params": params["mgkd"]}, z0, jnp.where(drop, 1.0, grid))
-    t = jax.random.randint(k_t, (x.shape[0],), 0, self.schedule.num_train_timesteps)
+    z_s, context = self.mgkd.apply({"params": params["mgkd"]}, z0_in, jnp.where(drop, 1.0, grid))
     noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
-    z_t = schedule_lib.q_sample(self.schedule, z0, t, noise)
-    prediction = self.guided_output(params, x, z_t, t, context)
+    z_t = schedule_lib.q_sample(self.schedule, z0_in, t, noise)
+    prediction = self.guided_output(params, x_in, z_t, t, context)
+    eps = noise
+    if restore_prob > 0:
+      eps = restoration_eps(self.schedule, z0, z_t, t, noise, restored)
     kind = self.config.diffusion.prediction_type
     if kind == "epsilon":
-      target = noise
+      target = eps
     elif kind == "v_prediction":
-      target = schedule_lib.get_velocity(self.schedule, z0, t, noise)
+      target = schedule_lib.get_velocity(self.schedule, z0, t, eps)
     elif kind == "sample":
       target = z0
     else:
@@ -168,6 +191,17 @@ class MSD:
     kd = mgkd_lib.kd_loss_from_config(self.config, z_s, z_t_emb, grid)
     return {"loss": diffusion + kd_weight * kd["loss"], "diffusion": diffusion,
             "kd": kd["loss"], "kd_mse": kd["mse"], "kd_kl": kd["kl"]}
+
+  def scoring_reference(self, params, images):
+    """What a reconstruction is compared with (`config.model.scorer.reference`): the input
+    (`input`, the paper), or its autoencoder reconstruction D(E(x)) (`autoencoder`), so the
+    detail the autoencoder loses on every image is lost on both sides of the comparison."""
+    kind = self.config.model.scorer.reference
+    if kind == "input":
+      return images
+    if kind == "autoencoder":
+      return jnp.clip(self.decode(params, self.encode(params, images)), -1.0, 1.0)
+    raise ValueError(f"unknown scorer.reference {kind!r}; choose input or autoencoder")
 
   def reconstruct(self, params, images, rng):
     """Encode, noise to `diffusion.t_start`, DDIM back in one scan with SGEN and student

@@ -173,3 +173,16 @@ def from_config(vae_cfg, **overrides) -> AutoencoderKL:
   if isinstance(kwargs.get("dtype"), str):
     kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   return AutoencoderKL(**kwargs)
+
+
+def with_posterior_logvar(params, logvar: float):
+  """`params` whose posterior starts with log-variance `logvar` everywhere (the bias of the
+  logvar half of `quant_conv`; its kernel is zeroed there). diffusers' initialisation starts the
+  posterior std near 1, as large as the latent itself; with LDM's KL weight (1e-6) the encoder
+  shrinks it only over thousands of steps, and until then the decoder learns from latents
+  swamped by sampling noise. A short run converges only from a near-deterministic start."""
+  quant = params["quant_conv"]
+  half = quant["bias"].shape[-1] // 2
+  kernel = jnp.asarray(quant["kernel"]).at[..., half:].set(0.0)
+  bias = jnp.asarray(quant["bias"]).at[half:].set(logvar)
+  return dict(params, quant_conv=dict(quant, kernel=kernel, bias=bias))

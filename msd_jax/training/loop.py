@@ -28,6 +28,7 @@ from msd_jax import parallel, scoring
 from msd_jax.models import mgkd as mgkd_lib
 from msd_jax.models import msd as msd_lib
 from msd_jax.models import scorer as scorer_lib
+from msd_jax.models import vae as vae_lib
 from msd_jax.training import checkpoint as ckpt_lib
 from msd_jax.training import optim
 from msd_jax.training import state as state_lib
@@ -118,18 +119,21 @@ def _gather(x):
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def make_validator(ctx: Context, reconstruct: Callable, stage: str):
+def make_validator(ctx: Context, reconstruct: Callable, stage: str,
+                   reference: Optional[Callable] = None):
   """`validate(state, step) -> (metrics, meta extras)` on the validation split.
 
   Reconstruction (`reconstruct(params, images, rng)`, jitted on the mesh) then the scorer's
-  maps and image scores; image and pixel AUROC, and the F1-optimal thresholds. Uses the EMA
-  weights when kept.
+  maps and image scores against `reference(params, images)` (default: the images); image and
+  pixel AUROC, and the F1-optimal thresholds. Uses the EMA weights when kept.
   """
   config, mesh = ctx.config, ctx.mesh
   records = ctx.splits["val"]
   module, variables = scorer_lib.build_scorer(config.model.scorer)
   score = scoring.make_score_fn(module, variables, config.model.scorer)
-  recon = jax.jit(reconstruct, out_shardings=parallel.batch_sharding(mesh))
+  recon = jax.jit(lambda params, x, rng: (
+      x if reference is None else reference(params, x), reconstruct(params, x, rng)),
+                  out_shardings=parallel.batch_sharding(mesh))
 
   def validate(state, step):
     params = state.ema_params if state.ema_params is not None else state.params
@@ -138,8 +142,8 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str):
     for batch in input_pipeline.eval_iterator(records, config.data,
                                               global_batch_size=config.eval.batch_size,
                                               sharding=parallel.batch_sharding(mesh)):
-      x_hat = recon(params, batch["image"], rng)
-      maps, scores = score(batch["image"], x_hat)
+      x_ref, x_hat = recon(params, batch["image"], rng)
+      maps, scores = score(x_ref, x_hat)
       for k, v in (("image", batch["image"]), ("x_hat", x_hat), ("map", maps), ("score", scores),
                    ("label", batch["label"]), ("mask", batch["mask"]), ("valid", batch["valid"])):
         rows[k].append(_gather(v))
@@ -221,6 +225,7 @@ def vae_stage(ctx: Context, params, rng) -> StageResult:
   if cfg.init_checkpoint:
     params = dict(params, vae=ckpt_lib.load_params(cfg.init_checkpoint))
     return StageResult(state_lib.TrainState(step=0, params=params, opt_state=None, rng=rng), False)
+  params = dict(params, vae=vae_lib.with_posterior_logvar(params["vae"], cfg.init_logvar))
   state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
   loss = functools.partial(ctx.model.vae_loss, kl_weight=cfg.kl_weight)
   validate = make_validator(ctx, ctx.model.vae_reconstruct, "vae")
@@ -295,8 +300,9 @@ def msd_stage(ctx: Context, params, rng) -> StageResult:
   data.augment.flip = data.augment.rot90 = False  # applied in the loss, with the cached maps
   state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
   loss = functools.partial(ctx.model.msd_loss, kd_weight=cfg.kd_weight,
-                           grid_dropout=cfg.grid_dropout)
-  validate = make_validator(ctx, ctx.model.reconstruct, "msd")
+                           grid_dropout=cfg.grid_dropout, restore_prob=cfg.restore_prob,
+                           restore_min_t=cfg.restore_min_t)
+  validate = make_validator(ctx, ctx.model.reconstruct, "msd", ctx.model.scoring_reference)
   return _train(ctx, "msd", state, loss, labels, tx, schedule, cfg.num_steps, validate,
                 data=data, extend_batch=targets)
 

@@ -1,0 +1,63 @@
+"""Synthetic anomalies for restoration training, its eps target, and the scoring reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.msd import get_config
+from msd_jax import anomalies
+from msd_jax.diffusion import schedule as schedule_lib
+from msd_jax.models import msd as msd_lib
+
+
+def _images(batch=16, size=32):
+  return jax.random.uniform(jax.random.PRNGKey(0), (batch, size, size, 3), minval=-1, maxval=1)
+
+
+def test_corrupt_changes_only_masked_pixels():
+  x = _images()
+  bad, masks = jax.jit(anomalies.corrupt, static_argnums=2)(jax.random.PRNGKey(1), x, 1.0)
+  masks = np.asarray(masks)
+  assert set(np.unique(masks)) <= {0.0, 1.0}
+  coverage = masks.mean(axis=(1, 2))
+  assert (coverage > 0).all() and (coverage < 0.5).all(), coverage
+  changed = np.abs(np.asarray(bad) - np.asarray(x)).max(-1) > 1e-6
+  assert not (changed & (masks == 0)).any()  # nothing outside the masks
+  assert changed.sum() > 0.5 * (masks > 0).sum()  # most masked pixels differ
+  assert np.abs(np.asarray(bad)).max() <= 1.0
+
+
+def test_corrupt_probability():
+  x = _images(batch=64)
+  same, masks = anomalies.corrupt(jax.random.PRNGKey(2), x, 0.0)
+  np.testing.assert_array_equal(same, x)
+  assert float(jnp.max(masks)) == 0.0
+  _, masks = anomalies.corrupt(jax.random.PRNGKey(3), x, 0.5)
+  hit = float(jnp.mean(jnp.max(masks, axis=(1, 2)) > 0))
+  assert 0.25 < hit < 0.75, hit
+
+
+def test_restoration_eps_leads_back_to_clean_latent():
+  schedule = schedule_lib.make_schedule()
+  k = jax.random.split(jax.random.PRNGKey(4), 3)
+  z0, z0_bad, noise = (jax.random.normal(kk, (4, 8, 8, 4)) for kk in k)
+  t = jnp.array([100, 400, 700, 999])
+  restored = jnp.array([True, False, True, False])
+  z_t = schedule_lib.q_sample(schedule, z0_bad, t, noise)
+  eps = msd_lib.restoration_eps(schedule, z0, z_t, t, noise, restored)
+  back = schedule_lib.x0_from_eps(schedule, z_t, t, eps)
+  np.testing.assert_allclose(back[restored], z0[restored], atol=2e-4)
+  np.testing.assert_array_equal(eps[~restored], noise[~restored])
+
+
+def test_scoring_reference_is_autoencoder_reconstruction():
+  config = get_config("tiny")
+  model = msd_lib.MSD(config)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  params = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 0.01, s.dtype), params)
+  x = _images(batch=2, size=config.data.image_size)
+  ref = model.scoring_reference(params, x)
+  np.testing.assert_allclose(ref, jnp.clip(model.decode(params, model.encode(params, x)), -1, 1))
+  assert float(jnp.abs(ref - x).max()) > 0.1
+  config.unlock()
+  config.model.scorer.reference = "input"
+  np.testing.assert_array_equal(msd_lib.MSD(config).scoring_reference(params, x), x)
