@@ -61,3 +61,5 @@ def test_scoring_reference_is_autoencoder_reconstruction():
   config.unlock()
   config.model.scorer.reference = "input"
   np.testing.assert_array_equal(msd_lib.MSD(config).scoring_reference(params, x), x)
+  del config.model.scorer["reference"]  # a config saved before the option: the input
+  np.testing.assert_array_equal(msd_lib.MSD(config).scoring_reference(params, x), x)

@@ -195,8 +195,9 @@ class MSD:
   def scoring_reference(self, params, images):
     """What a reconstruction is compared with (`config.model.scorer.reference`): the input
     (`input`, the paper), or its autoencoder reconstruction D(E(x)) (`autoencoder`), so the
-    detail the autoencoder loses on every image is lost on both sides of the comparison."""
-    kind = self.config.model.scorer.reference
+    detail the autoencoder loses on every image is lost on both sides of the comparison. Configs
+    saved before the option existed meant `input`."""
+    kind = self.config.model.scorer.get("reference", "input")
     if kind == "input":
       return images
     if kind == "autoencoder":
