@@ -8,9 +8,9 @@ DiffusionAD's noise-to-norm training do. The corruptions are generic, not the de
 any dataset:
 
 - shapes: blobs (a smooth random field above a per-image quantile covering 5-30% of the image)
-  at three sizes (fields drawn on 4, 8 and 16 cells a side), or thin curved strokes (the field's
-  zero level set); either kept inside one coarse window (20-50% of the image), so the damage is
-  local;
+  at three sizes (fields drawn on 4, 8 and 16 cells a side), or thin curved strokes (the 3-8% of
+  pixels where |field| is smallest); either kept inside one coarse window (20-50% of the
+  image), so the damage is local;
 - fills: another image of the batch (turned), a random flat colour with a little texture, or the
   image itself darkened or brightened;
 - a blend weight between 0.5 and 1.
@@ -19,16 +19,29 @@ Everything is jittable and per sample; an image is corrupted with probability `p
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BLOB_CELLS = (4, 8, 16)
 
 
+def _smooth_upsample(coarse, size: int):
+  """(B, c, c) -> (B, size, size): separable interpolation with smoothstep weights, as gathers
+  and elementwise sums, so each sample's field is bitwise the same however the batch is split
+  over devices (the masks threshold it, and a flipped pixel would change the loss)."""
+  c = coarse.shape[1]
+  pos = (np.arange(size) + 0.5) * (c - 1) / size
+  i0 = np.floor(pos).astype(np.int32)
+  i1 = np.minimum(i0 + 1, c - 1)
+  w = pos - i0
+  w = jnp.asarray(w * w * (3 - 2 * w), coarse.dtype)
+  rows = coarse[:, i0] * (1 - w)[None, :, None] + coarse[:, i1] * w[None, :, None]
+  return rows[:, :, i0] * (1 - w) + rows[:, :, i1] * w
+
+
 def smooth_field(key, batch: int, size: int, cells: int) -> jax.Array:
-  """(batch, size, size) random field, unit variance, smooth over size / cells pixels."""
-  coarse = jax.random.normal(key, (batch, cells + 1, cells + 1))
-  field = jax.image.resize(coarse, (batch, size + size // cells, size + size // cells), "cubic")
-  field = field[:, :size, :size]
-  return field / (jnp.std(field, axis=(1, 2), keepdims=True) + 1e-6)
+  """(batch, size, size) smooth random field with unit-variance cell values, varying over
+  size / cells pixels."""
+  return _smooth_upsample(jax.random.normal(key, (batch, cells + 1, cells + 1)), size)
 
 
 def _quantile_mask(field, coverage):
@@ -44,8 +57,8 @@ def random_masks(key, batch: int, size: int) -> jax.Array:
   coverage = jax.random.uniform(keys[0], (batch,), minval=0.05, maxval=0.3)
   blobs = jnp.stack([_quantile_mask(smooth_field(k, batch, size, c), coverage)
                      for k, c in zip(keys[1:4], BLOB_CELLS)], axis=1)
-  width = jax.random.uniform(keys[4], (batch, 1, 1), minval=0.04, maxval=0.12)
-  lines = jnp.abs(smooth_field(keys[5], batch, size, 8)) < width
+  width = jax.random.uniform(keys[4], (batch,), minval=0.03, maxval=0.08)
+  lines = ~_quantile_mask(-jnp.abs(smooth_field(keys[5], batch, size, 8)), 1.0 - width)
   window = _quantile_mask(smooth_field(keys[6], batch, size, 4),
                           jax.random.uniform(keys[8], (batch,), minval=0.2, maxval=0.5))
   shapes = jnp.concatenate([blobs, lines[:, None]], axis=1) & window[:, None]  # (B, 4, S, S)

@@ -114,9 +114,10 @@ def test_eight_devices_match_one(tiny_msd, single_device, fsdp):
   np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
   assert len(set(losses.tolist())) == 3
   # Adam divides by sqrt(v): a gradient near zero moves its weight by up to lr whatever its
-  # size, so summation-order noise shows in the weights at a small fraction of lr (1e-3).
+  # size, so summation-order noise shows in the weights at a fraction of lr (1e-3); three
+  # steps stay within a tenth of one step.
   for a, b in zip(jax.tree_util.tree_leaves(state.params),
                   jax.tree_util.tree_leaves(single_device[1].params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
   frozen = lambda st: np.asarray(st.params["unet"]["conv_in"]["kernel"])
   np.testing.assert_array_equal(frozen(state), frozen(single_device[1]))
