@@ -15,14 +15,15 @@ def _plain_attention(q, k, v, heads):
 
 
 @pytest.mark.parametrize("tokens,context", [(40, 40), (50, 7)])
-@pytest.mark.parametrize("heads_per_chunk", [1, 4, None])  # None: all 2 x 3 heads at once
+@pytest.mark.parametrize("heads_per_chunk", [1, 4, None, 0.25])  # None: all 2 x 3 heads at once;
 def test_attend_matches_plain_attention_with_gradients(tokens, context, heads_per_chunk, monkeypatch):
+  """0.25 heads per chunk: one head's scores split into blocks of query rows."""
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (2, tokens, 12))
   k, v = (3 * jax.random.normal(kk, (2, context, 12)) for kk in keys[1:3])
   d_out = jax.random.normal(keys[3], q.shape)
   if heads_per_chunk:
-    monkeypatch.setattr(layers, "_SCORES_PER_CHUNK", heads_per_chunk * tokens * context)
+    monkeypatch.setattr(layers, "_SCORES_PER_CHUNK", int(heads_per_chunk * tokens * context))
   fast = jax.vjp(lambda *a: layers.attend(*a, heads=3), q, k, v)
   plain = jax.vjp(lambda *a: _plain_attention(*a, heads=3), q, k, v)
   np.testing.assert_allclose(fast[0], plain[0], rtol=1e-5, atol=1e-5)

@@ -149,6 +149,54 @@ def _attention_chunk(q, k, v):
   return out, (m + jnp.log(l))[..., 0]
 
 
+def _row_block(rows: int, cols: int) -> int:
+  """Query rows attended at once so that one block's scores stay near `_SCORES_PER_CHUNK`
+  entries: all of them for short sequences, a divisor of `rows` for long ones."""
+  block = min(rows, max(1, _SCORES_PER_CHUNK // cols))
+  while rows % block:
+    block -= 1
+  return block
+
+
+def _attention_rows(q, k, v):
+  """`_attention_chunk` of one head, over blocks of query rows when its scores would not fit
+  the chunk (e.g. 4096 tokens: 16 M scores); each block sees every key, so no rescaling."""
+  rows, dim = q.shape
+  block = _row_block(rows, k.shape[0])
+  if block == rows:
+    return _attention_chunk(q, k, v)
+  out, lse = jax.lax.map(lambda qb: _attention_chunk(qb, k, v), q.reshape(-1, block, dim))
+  return out.reshape(rows, dim), lse.reshape(rows)
+
+
+def _attention_rows_bwd(q, k, v, d_out, lse, delta):
+  """Gradients of one head from the saved log-sum-exp, accumulated over the same row blocks."""
+  f32 = lambda t: t.astype(jnp.float32)
+
+  def block_grads(q, d_out, lse, delta):
+    p = jnp.exp(jnp.einsum("td,sd->ts", q, k, preferred_element_type=jnp.float32) - lse[..., None])
+    dv = jnp.einsum("ts,td->sd", p, f32(d_out))
+    dp = jnp.einsum("td,sd->ts", f32(d_out), f32(v))
+    ds = p * (dp - delta[..., None])
+    return jnp.einsum("ts,sd->td", ds, f32(k)), jnp.einsum("ts,td->sd", ds, f32(q)), dv
+
+  rows = q.shape[0]
+  block = _row_block(rows, k.shape[0])
+  if block == rows:
+    dq, dk, dv = block_grads(q, d_out, lse, delta)
+  else:
+    split = lambda t: t.reshape((-1, block) + t.shape[1:])
+
+    def step(acc, xs):
+      dq, dk, dv = block_grads(*xs)
+      return (acc[0] + dk, acc[1] + dv), dq
+
+    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    (dk, dv), dq = jax.lax.scan(step, zeros, tuple(map(split, (q, d_out, lse, delta))))
+    dq = dq.reshape(q.shape)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 def _chunked(fn, args, tokens: int):
   """Per-head `fn` mapped over the leading (batch x heads) axis, as many heads at a time as keep
   the score matrices near `_SCORES_PER_CHUNK` entries (cache-sized)."""
@@ -161,12 +209,13 @@ def _chunked(fn, args, tokens: int):
 @jax.custom_vjp
 def _flash_attention(q, k, v):
   """Memory-efficient attention on (N, T, D) heads: the scores are never held for all heads at
-  once, and the backward pass recomputes them from the saved log-sum-exp (as FlashAttention)."""
+  once (nor, for long sequences, for all rows of one head), and the backward pass recomputes
+  them from the saved log-sum-exp (as FlashAttention)."""
   return _flash_attention_fwd(q, k, v)[0]
 
 
 def _flash_attention_fwd(q, k, v):
-  out, lse = _chunked(_attention_chunk, (q, k, v), q.shape[1] * k.shape[1])
+  out, lse = _chunked(_attention_rows, (q, k, v), q.shape[1] * k.shape[1])
   out = out.astype(q.dtype)
   return out, (q, k, v, out, lse)
 
@@ -174,18 +223,7 @@ def _flash_attention_fwd(q, k, v):
 def _flash_attention_bwd(residuals, d_out):
   q, k, v, out, lse = residuals
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
-
-  def chunk(q, k, v, d_out, lse, delta):
-    f32 = lambda t: t.astype(jnp.float32)
-    p = jnp.exp(jnp.einsum("td,sd->ts", q, k, preferred_element_type=jnp.float32) - lse[..., None])
-    dv = jnp.einsum("ts,td->sd", p, f32(d_out))
-    dp = jnp.einsum("td,sd->ts", f32(d_out), f32(v))
-    ds = p * (dp - delta[..., None])
-    dq = jnp.einsum("ts,sd->td", ds, f32(k))
-    dk = jnp.einsum("ts,td->sd", ds, f32(q))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-  return _chunked(chunk, (q, k, v, d_out, lse, delta), q.shape[1] * k.shape[1])
+  return _chunked(_attention_rows_bwd, (q, k, v, d_out, lse, delta), q.shape[1] * k.shape[1])
 
 
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
