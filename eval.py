@@ -36,6 +36,8 @@ _SIGMA = flags.DEFINE_float("sigma", None, "Gaussian sigma of the map (model.sco
 _REFERENCE = flags.DEFINE_enum("reference", None, ["input", "autoencoder"],
                                 "What x_hat is compared with (model.scorer.reference).")
 _NUM_BINS = flags.DEFINE_integer("num_bins", None, "Binned pixel metrics (large test sets).")
+_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"],
+                           "val: choose ablation settings on validation (report in DIR/eval_val/).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -114,7 +116,8 @@ def _stitch_records(config, records, got, has_masks):
           "defect_types": [r.defect_type for r in records]}
 
 
-def evaluate(config, predict_fn, records, out_dir, thresholds=None, info=None, num_bins=None):
+def evaluate(config, predict_fn, records, out_dir, thresholds=None, info=None, num_bins=None,
+             split="test"):
   """Predicts, measures and writes the report; returns the metrics.
 
   `thresholds` ({"image", "pixel"}, from validation) colour the pictures; without them the test
@@ -129,33 +132,33 @@ def evaluate(config, predict_fn, records, out_dir, thresholds=None, info=None, n
   if thresholds is None:
     thresholds = {"image": metrics["image"]["threshold"],
                   "pixel": metrics.get("pixel", {}).get("threshold", np.inf)}
-    info["thresholds"] = ("F1-optimal on the test split (no validation thresholds for these "
+    info["thresholds"] = (f"F1-optimal on the {split} split (no validation thresholds for these "
                           "settings)")
   else:
     info["thresholds"] = "F1-optimal on the validation split"
   info.update({"t_start": config.diffusion.t_start,
                "num_steps": config.diffusion.num_inference_steps,
                "scorer": f"{config.model.scorer.backbone} {tuple(config.model.scorer.layers)}",
-               "sigma": config.model.scorer.sigma, "test_images": len(records)})
+               "sigma": config.model.scorer.sigma, f"{split}_images": len(records)})
   report.write_eval_report(
       out_dir, metrics=metrics, thresholds=thresholds, info=info, title="MSD evaluation",
       paths=[r.path for r in records], **result)
   return metrics
 
 
-def run_eval(config, workdir, num_bins=None, saved_thresholds=True):
-  """What eval.py does: the best checkpoint of `workdir` on its test split, the report in
-  `workdir/eval/`. Returns (metrics, the report folder).
+def run_eval(config, workdir, num_bins=None, saved_thresholds=True, split="test"):
+  """What eval.py does: the best checkpoint of `workdir` on its test split (or `split`), the
+  report in `workdir/eval/` (`workdir/eval_<split>/`). Returns (metrics, the report folder).
 
   `saved_thresholds=False` ignores the checkpoint's validation thresholds (they were fixed for
   the training config's diffusion and scorer settings, not for an ablation's).
   """
   model = detector_lib.load_model(config, workdir)
   splits = datasets.load_splits(config.data, default_root=os.path.join(workdir, "data"))
-  out_dir = os.path.join(workdir, "eval")
-  metrics = evaluate(config, model.predict_fn, splits["test"], out_dir,
+  out_dir = os.path.join(workdir, "eval" if split == "test" else f"eval_{split}")
+  metrics = evaluate(config, model.predict_fn, splits[split], out_dir,
                      thresholds=model.thresholds if saved_thresholds else None,
-                     info=model.info, num_bins=num_bins)
+                     info=model.info, num_bins=num_bins, split=split)
   logging.info("wrote %s", out_dir)
   return metrics, out_dir
 
@@ -167,7 +170,8 @@ def main(argv):
                _REFERENCE.value)
   config = apply_overrides(config, *overrides)
   metrics, out_dir = run_eval(config, _WORKDIR.value, num_bins=_NUM_BINS.value,
-                              saved_thresholds=all(v is None for v in overrides))
+                              saved_thresholds=all(v is None for v in overrides),
+                              split=_SPLIT.value)
   print(report.format_table(metrics))
   print(f"\nreport: {os.path.join(out_dir, 'index.html')}")
 

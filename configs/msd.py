@@ -73,6 +73,9 @@ def _sgen(variant):
                     "demo": (1, 1, 1, 1)}[variant]
   c.semantic_depth = {"full": 2, "small": 1, "tiny": 1, "demo": 1}[variant]  # refine convs per level
   c.bpnet_norm_num_groups = {"full": 32, "small": 16, "tiny": 4, "demo": 8}[variant]  # + semantic
+  # + a 1x1 projection of the image's latent (not in the paper; demo trains from scratch in
+  # minutes, see msd_jax/models/sgen.py)
+  c.latent_hint = {"demo": True}.get(variant, False)
   c.hint_block_out_channels = {  # plain hint encoder widths (use_bpnet=False)
       "full": (16, 32, 96, 256),
       "small": (16, 32, 96, 256),
@@ -92,6 +95,8 @@ def _scorer(variant):
   c.map_type = "feature"  # feature (1 - cos, the paper) | pixel (|x - x_hat|, ablation)
   c.sigma = 4.0  # Gaussian smoothing of the map, pixels
   c.pool_size = {"full": 16, "small": 16, "tiny": 4, "demo": 4}[variant]  # image score pooling
+  # > 1: both images enlarged (bilinear) before the backbone; demo's 64 px images are seen at 256
+  c.input_scale = {"demo": 4.0}.get(variant, 1.0)
   c.input_pad = 0  # pixels of padding around the scorer input (multiple of the largest stride)
   c.pad_mode = "reflect"  # reflect | symmetric | edge | constant, for input_pad
   c.border_margin = 0  # pixels at each image edge left out of the image score
@@ -171,10 +176,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.diffusion.beta_schedule = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2
   config.diffusion.beta_start = 0.00085
   config.diffusion.beta_end = 0.012
-  # epsilon (SD v1) | v_prediction | sample. demo trains its UNet from scratch in minutes: with
-  # v the x0 error at t stays below v's error times sqrt(1 - alpha_bar_t), where eps-prediction
-  # divides it by sqrt(alpha_bar_t), so the first reverse steps from t_start are more accurate.
-  config.diffusion.prediction_type = {"demo": "v_prediction"}.get(variant, "epsilon")
+  # epsilon (SD v1) | v_prediction | sample. demo trains its UNet from scratch in minutes, with
+  # restoration targets: predicting the clean latent directly keeps every target bounded (an eps
+  # or v target that leads a corrupted latent back grows like 1 / sqrt(1 - alpha_bar_t) at low t).
+  config.diffusion.prediction_type = {"demo": "sample"}.get(variant, "epsilon")
   config.diffusion.t_start = {"full": 999, "small": 999, "tiny": 999, "demo": 249}[variant]  # partial noising
   config.diffusion.num_inference_steps = {"full": 10, "small": 10, "tiny": 2, "demo": 5}[variant]
   config.diffusion.eta = 0.0  # DDIM stochasticity
@@ -220,8 +225,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.stages.msd.grid_dropout = 0.5  # P(student input z0 * 1, as at inference, not z0 * G)
   # Restoration training (msd_jax.anomalies; 0 = the paper's objective): this fraction of the
   # images gets synthetic anomalies and the target is the clean latent, for t >= restore_min_t.
-  config.stages.msd.restore_prob = 0.5
+  config.stages.msd.restore_prob = {"demo": 0.9}.get(variant, 0.5)
   config.stages.msd.restore_min_t = 100
+  # loss weight per latent position: 1 + restore_weight * its corrupted fraction
+  config.stages.msd.restore_weight = {"demo": 10.0}.get(variant, 0.0)
+  # Training timesteps drawn from [0, max_t) (0: all of them). Reconstruction never runs the
+  # denoiser above diffusion.t_start; demo, trained for minutes, spends every step below it.
+  config.stages.msd.max_t = {"demo": 250}.get(variant, 0)
   # DiAD's choice for a pretrained SD UNet: SGEN, UNet decoder, MGKD student + context. demo has
   # no pretrained UNet, so a frozen encoder would be a random one: it trains the whole UNet.
   config.stages.msd.trainable = {"demo": ("sgen/", "unet/", "mgkd/")}.get(variant, (

@@ -52,17 +52,18 @@ def _quantile_mask(field, coverage):
 
 
 def random_masks(key, batch: int, size: int) -> jax.Array:
-  """(batch, size, size) float masks in {0, 1}: blobs of one of three sizes, or strokes."""
-  keys = jax.random.split(key, 9)
+  """(batch, size, size) float masks in {0, 1}: blobs of one of `BLOB_CELLS` sizes, or strokes."""
+  n = len(BLOB_CELLS)
+  keys = jax.random.split(key, n + 6)
   coverage = jax.random.uniform(keys[0], (batch,), minval=0.05, maxval=0.3)
   blobs = jnp.stack([_quantile_mask(smooth_field(k, batch, size, c), coverage)
-                     for k, c in zip(keys[1:4], BLOB_CELLS)], axis=1)
-  width = jax.random.uniform(keys[4], (batch,), minval=0.03, maxval=0.08)
-  lines = ~_quantile_mask(-jnp.abs(smooth_field(keys[5], batch, size, 8)), 1.0 - width)
-  window = _quantile_mask(smooth_field(keys[6], batch, size, 4),
-                          jax.random.uniform(keys[8], (batch,), minval=0.2, maxval=0.5))
-  shapes = jnp.concatenate([blobs, lines[:, None]], axis=1) & window[:, None]  # (B, 4, S, S)
-  pick = jax.random.randint(keys[7], (batch,), 0, shapes.shape[1])
+                     for k, c in zip(keys[6:], BLOB_CELLS)], axis=1)
+  width = jax.random.uniform(keys[1], (batch,), minval=0.03, maxval=0.08)
+  lines = ~_quantile_mask(-jnp.abs(smooth_field(keys[2], batch, size, 8)), 1.0 - width)
+  window = _quantile_mask(smooth_field(keys[3], batch, size, 4),
+                          jax.random.uniform(keys[4], (batch,), minval=0.2, maxval=0.5))
+  shapes = jnp.concatenate([blobs, lines[:, None]], axis=1) & window[:, None]  # (B, n + 1, S, S)
+  pick = jax.random.randint(keys[5], (batch,), 0, shapes.shape[1])
   return jnp.take_along_axis(shapes, pick[:, None, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 

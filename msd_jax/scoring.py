@@ -14,6 +14,9 @@ Choices the paper leaves open:
   be chosen on the validation split: `input_pad` pads the scorer input by that many pixels
   (`pad_mode`, reflect by default) and crops the features back, and `border_margin` leaves that
   many pixels at each edge out of the image score (the map itself is kept whole).
+- Scale: ImageNet backbones see objects at about 224 px; at small model resolutions (64 px) their
+  stride-16 map is 4 x 4. `input_scale` > 1 bilinearly enlarges x and x_hat before the backbone
+  (the map is still returned at the input's size), so each layer resolves finer detail.
 """
 import functools
 from typing import Mapping, Sequence
@@ -108,8 +111,12 @@ def make_score_fn(module, variables, config):
     if config.map_type == "pixel":
       m = pixel_difference_map(x, x_hat)
     elif config.map_type == "feature":
-      feats = extract_features(module, variables, jnp.concatenate([x, x_hat]), layers,
-                               config.input_pad, config.pad_mode)
+      both = jnp.concatenate([x, x_hat])
+      scale = config.get("input_scale", 1)
+      if scale != 1:
+        both = jax.image.resize(both, (both.shape[0], round(hw[0] * scale), round(hw[1] * scale),
+                                       both.shape[3]), "bilinear")
+      feats = extract_features(module, variables, both, layers, config.input_pad, config.pad_mode)
       b = x.shape[0]
       m = anomaly_map({k: v[:b] for k, v in feats.items()}, {k: v[b:] for k, v in feats.items()},
                       layers, hw)

@@ -63,3 +63,29 @@ def test_scoring_reference_is_autoencoder_reconstruction():
   np.testing.assert_array_equal(msd_lib.MSD(config).scoring_reference(params, x), x)
   del config.model.scorer["reference"]  # a config saved before the option: the input
   np.testing.assert_array_equal(msd_lib.MSD(config).scoring_reference(params, x), x)
+
+
+def test_area_fraction_averages_each_latent_cell():
+  masks = np.zeros((1, 8, 8), np.float32)
+  masks[0, :2, :2] = 1.0  # one whole 2 x 2 cell of a 4 x 4 latent
+  masks[0, 2, 4] = 1.0  # a quarter of another
+  frac = np.asarray(msd_lib._area_fraction(jnp.asarray(masks), (4, 4)))
+  want = np.zeros((1, 4, 4))
+  want[0, 0, 0], want[0, 1, 2] = 1.0, 0.25
+  np.testing.assert_array_equal(frac, want)
+
+
+def test_restore_weight_raises_the_loss_only_where_images_are_corrupted():
+  from tests.test_parallel import _tiny_msd
+  config, model, params, batches = _tiny_msd()
+  rng = jax.random.PRNGKey(5)
+
+  @jax.jit
+  def losses(params, batch):
+    loss = lambda **kw: model.msd_loss(params, batch, rng, kd_weight=0.0, restore_min_t=10, **kw)
+    return (loss(restore_prob=1.0)["diffusion"], loss(restore_prob=1.0, restore_weight=10.0)[
+        "diffusion"], loss()["diffusion"], loss(restore_weight=10.0)["diffusion"])
+
+  corrupted, weighted, clean, clean_weighted = map(float, losses(params, batches[0]))
+  assert weighted > 1.05 * corrupted
+  assert clean_weighted == clean

@@ -173,6 +173,13 @@ def test_eval_on_trained_checkpoint(eval_main, trained_workdir):
   page = (out / "index.html").read_text()
   assert all(f"src='grid_{t}.png'" in page for t in types)
 
+  _, val_dir = eval_main.run_eval(config, trained_workdir, split="val")  # --split=val
+  val = datasets.load_splits(config.data, default_root=os.path.join(trained_workdir, "data"))["val"]
+  val_saved = json.loads((pathlib.Path(val_dir) / "metrics.json").read_text())
+  assert pathlib.Path(val_dir) == pathlib.Path(trained_workdir) / "eval_val"
+  assert val_saved["info"]["val_images"] == len(val) and "test_images" not in val_saved["info"]
+  assert np.load(pathlib.Path(val_dir) / "maps.npz")["maps"].shape[0] == len(val)
+
 
 @pytest.mark.slow
 def test_detect_on_trained_checkpoint(trained_workdir, tmp_path):

@@ -28,7 +28,7 @@ def _main(process_id, num_processes, port):
   from msd_jax.training import optim, state as state_lib, steps
 
   assert parallel.initialize_distributed() == (num_processes > 1)
-  from tests.test_parallel import _tiny_msd, msd_loss_fn  # its imports start the backend
+  from tests.test_parallel import _tiny_msd  # its imports start the backend
   assert jax.process_count() == num_processes
   mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
   config, model, params, batches = _tiny_msd()
@@ -38,7 +38,7 @@ def _main(process_id, num_processes, port):
   state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(1))
   shardings = steps.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)
-  step = steps.jit_train_step(steps.make_train_step(msd_loss_fn(config, model), tx, labels), mesh,
+  step = steps.jit_train_step(steps.make_train_step(model.msd_loss_from_config(), tx, labels), mesh,
                               shardings)
   losses = []
   for batch in batches[:NUM_STEPS]:

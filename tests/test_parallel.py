@@ -1,5 +1,4 @@
 """Mesh and sharding rules, and 8 devices vs 1 (data and fsdp) on the tiny MSD loss."""
-import functools
 
 import jax
 import ml_collections
@@ -64,13 +63,6 @@ def _tiny_msd():
   return config, model, params, batches
 
 
-def msd_loss_fn(config, model):
-  """The msd stage's loss as `loop.msd_stage` builds it."""
-  cfg = config.stages.msd
-  return functools.partial(model.msd_loss, kd_weight=cfg.kd_weight, grid_dropout=cfg.grid_dropout,
-                           restore_prob=cfg.restore_prob, restore_min_t=cfg.restore_min_t)
-
-
 @pytest.fixture(scope="module")
 def tiny_msd():
   return _tiny_msd()
@@ -81,7 +73,7 @@ def _losses(tiny_msd, mesh, fsdp_min_size):
   config, model, params, batches = tiny_msd
   labels = optim.param_labels(params, config.stages.msd.trainable)
   tx = optim.make_optimizer(config.train, labels, config.train.learning_rate)
-  loss_fn = msd_loss_fn(config, model)
+  loss_fn = model.msd_loss_from_config()
   abstract = jax.eval_shape(
       lambda: state_lib.create_train_state(params, tx, jax.random.PRNGKey(1)))
   shardings = steps.state_shardings(abstract, mesh, fsdp_min_size)

@@ -101,6 +101,23 @@ def test_reflect_padded_input_keeps_map_size_and_zero_for_identical(backbone):
     scoring.make_score_fn(module, variables, _config(input_pad=8))(x, x)  # s16 needs 16k
 
 
+def test_enlarged_scorer_input_keeps_map_size_and_resolves_a_small_change(backbone):
+  module, variables = backbone
+  x = _images(seed=3, n=1)
+  x_hat = x.copy()
+  x_hat[0, 30:33, 40:43] = -x_hat[0, 30:33, 40:43]  # 3 x 3 pixels: under one s4 cell at 1x
+  plain = scoring.make_score_fn(module, variables, _config(sigma=0.0))
+  enlarged = scoring.make_score_fn(module, variables, _config(sigma=0.0, input_scale=4.0))
+  zero, _ = enlarged(x, x)
+  assert zero.shape == (1, 64, 64) and np.abs(np.asarray(zero)).max() < 1e-6
+  m_plain, m_big = (np.asarray(f(x, x_hat)[0][0]) for f in (plain, enlarged))
+  r, c = np.unravel_index(np.argmax(m_big), m_big.shape)
+  assert abs(r - 31) <= 3 and abs(c - 41) <= 3
+  def spread(m):  # pixels above half the peak: the blur of the map around the change
+    return int((m > 0.5 * m.max()).sum())
+  assert spread(m_big) < spread(m_plain)
+
+
 def test_pixel_difference_map_and_pixel_score_fn():
   x = _images(seed=2)
   x_hat = x.copy()

@@ -28,7 +28,7 @@ def _shapes(tree):
 
 @pytest.mark.parametrize("variant,switches", [
     ("tiny", {}), ("tiny", {"use_bpnet": False}), ("tiny", {"use_sff": False}),
-    ("demo", {}), ("small", {}), ("full", {}),
+    ("tiny", {"latent_hint": True}), ("demo", {}), ("small", {}), ("full", {}),
 ])
 def test_residual_shapes_match_unet_skips(variant, switches):
   config = get_config(variant)
@@ -36,8 +36,10 @@ def test_residual_shapes_match_unet_skips(variant, switches):
   net = unet.from_config(config.model.unet)
   image, z_t, t, context = jax.eval_shape(lambda: _inputs(config, batch=1))
   key = jax.random.key(0)
-  params = jax.eval_shape(model.init, key, image, z_t, t, context)
-  down, mid = jax.eval_shape(model.apply, params, image, z_t, t, context)
+  params = jax.eval_shape(lambda k, x, z, t, c: model.init(k, x, z, t, c, latent=z),
+                          key, image, z_t, t, context)
+  down, mid = jax.eval_shape(lambda p, x, z, t, c: model.apply(p, x, z, t, c, latent=z),
+                             params, image, z_t, t, context)
   unet_params = jax.eval_shape(net.init, key, z_t, t, context)
   unet_mid, skips, _ = jax.eval_shape(
       lambda *a: net.apply(*a, method=net.encode), unet_params, z_t, t, context)
@@ -49,6 +51,22 @@ def test_residual_shapes_match_unet_skips(variant, switches):
   else:
     assert "controlnet_cond_embedding" in params["params"] and "bpnet" not in params["params"]
   assert ("sff" in params["params"]) == switches.get("use_sff", True)
+  assert ("latent_proj" in params["params"]) == model.latent_hint
+
+
+def test_latent_hint_adds_the_projected_latent_and_is_required():
+  config = get_config("tiny")
+  model = sgen.from_config(config.model.unet, config.model.sgen, latent_hint=True)
+  plain = sgen.from_config(config.model.unet, config.model.sgen)
+  image, z_t, t, context = _inputs(config)
+  params = model.init(jax.random.key(0), image, z_t, t, context, latent=z_t)
+  hint = lambda m, p, latent=None: m.apply(p, image, z_t.shape[1:3], latent, method=sgen.SGEN.hint)
+  without = {"params": {k: v for k, v in params["params"].items() if k != "latent_proj"}}
+  proj = params["params"]["latent_proj"]
+  want = hint(plain, without) + jnp.einsum("bhwc,cd->bhwd", z_t, proj["kernel"][0, 0]) + proj["bias"]
+  np.testing.assert_allclose(hint(model, params, z_t), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="latent z0"):
+    hint(model, params)
 
 
 @pytest.fixture(scope="module")

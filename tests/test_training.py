@@ -1,4 +1,5 @@
 """Optimiser groups, EMA, config validation, and a one-step smoke test of the real loop."""
+import functools
 import json
 import os
 
@@ -47,12 +48,15 @@ def test_config_validation_fails_before_compiling(tmp_path):
     loop.validate_config(config, mesh)  # tiny batch 2 on 8 devices
   for key, value, message in [("data.image_size", 36, "multiple of 8"),
                               ("stages.order", ("vae", "nope"), "unknown stages"),
-                              ("data.kind", "mvtec", "not a folder")]:
+                              ("data.kind", "mvtec", "not a folder"),
+                              ("stages.msd.max_t", 999, "must exceed diffusion.t_start"),
+                              ("stages.msd.restore_min_t", 999, "max_t=1000 must exceed")]:
     config = get_config("tiny")
     config.train.batch_size = config.eval.batch_size = 8
     config.stages.order = ("vae",)
-    section, name = key.split(".")
-    config[section][name] = value
+    *path, name = key.split(".")
+    section = functools.reduce(lambda c, k: c[k], path, config)
+    section[name] = value
     with pytest.raises((ValueError, FileNotFoundError), match=message):
       loop.validate_config(config, mesh)
 

@@ -10,14 +10,17 @@ Stage losses:
   the batch), as the LDM autoencoder without its adversarial term.
 - `msd_loss`: L_MSD = mean ||target - UNet(z_t, t, c, SGEN(x, z_t, t, c))||^2 + kd_weight * L_KD
   with z0 = scaling_factor * mode of E(x) (the VAE is frozen, so its posterior mean is used, as in
-  LDM's cached-latent training), t uniform over the training timesteps, target = eps (or v, or
+  LDM's cached-latent training), t uniform over [0, max_t) (default: all training timesteps;
+  reconstruction only ever runs the denoiser below `diffusion.t_start`), target = eps (or v, or
   z0, after `config.diffusion.prediction_type`), c the context tokens of the MGKD student fed
   z0 * G, and L_KD against the cached teacher embedding (`batch["teacher_embedding"]`, mask grid
   `batch["grid"]`).
   With `restore_prob` > 0 (restoration training, msd_jax.anomalies; not in the paper), that
   fraction of the images gets synthetic anomalies: SGEN, the student and z_t see the corrupted
   image, the target is the eps that leads back to the clean z0, and t is drawn from
-  [restore_min_t, T), since the first reverse steps at inference are the ones that must repair.
+  [restore_min_t, max_t), since the first reverse steps at inference are the ones that must repair.
+  The anomalies cover a small part of each image, so the squared error at each latent position is
+  weighted by 1 + restore_weight * (the fraction of that position's pixels that were corrupted).
 
 Choices where the paper is silent:
 - Geometric augmentation in the msd stage: the teacher cache holds the embedding and grid of the
@@ -32,6 +35,8 @@ Choices where the paper is silent:
   z0 * 1 instead of z0 * G with probability `config.stages.msd.grid_dropout`, which keeps the
   inference input in the training distribution; L_KD is always weighted by the real G.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -75,6 +80,13 @@ def _random_flip_rot90(key, arrays, flip: bool, rot90: bool):
   return [jax.vmap(one)(x, flips, turns) for x in arrays]
 
 
+def _area_fraction(masks, latent_hw):
+  """(B, S, S) masks -> (B, h, w): the corrupted fraction of the pixels under each latent cell."""
+  b, s = masks.shape[0], masks.shape[1]
+  h, w = latent_hw
+  return jnp.mean(masks.astype(jnp.float32).reshape(b, h, s // h, w, s // w), axis=(2, 4))
+
+
 def restoration_eps(schedule, z0, z_t, t, noise, restored):
   """eps target per sample: `noise` where not `restored`, else the eps that leads from z_t back
   to the clean z0 (x0_from_eps(z_t, t, eps) = z0)."""
@@ -111,7 +123,7 @@ class MSD:
     context = jnp.zeros((1, 1, self.config.model.unet.cross_attention_dim), jnp.float32)
     vae = self.vae.init(k_vae, image)["params"]
     unet = self.unet.init(k_unet, latent, t, context)["params"]
-    sgen = self.sgen.init(k_sgen, image, latent, t, context)["params"]
+    sgen = self.sgen.init(k_sgen, image, latent, t, context, latent=latent)["params"]
     sgen = sgen_lib.init_control_from_unet(unet, sgen)  # jit output: buffers not shared
     mgkd = self.mgkd.init(k_mgkd, latent, jnp.ones(latent.shape[:3]))["params"]
     latent_scale = jnp.asarray(self.config.model.vae.scaling_factor, jnp.float32)
@@ -148,33 +160,36 @@ class MSD:
 
   # --------------------------------------------------------------------------- MSD
 
-  def guided_output(self, params, images, z_t, t, context, hint=None):
+  def guided_output(self, params, images, z_t, t, context, hint=None, z0=None):
     """UNet output (eps for the default prediction type) with SGEN's residuals; `hint` is SGEN's
-    image-only conditioning when computed beforehand."""
-    down, mid = self.sgen.apply({"params": params["sgen"]}, images, z_t, t, context, hint)
+    image-only conditioning when computed beforehand, else computed from `images` (and their
+    latent `z0`, for `sgen.latent_hint`)."""
+    down, mid = self.sgen.apply({"params": params["sgen"]}, images, z_t, t, context, hint, z0)
     return self.unet.apply({"params": params["unet"]}, z_t, t, context, down, mid)
 
   def msd_loss(self, params, batch, rng, kd_weight: float, grid_dropout: float = 0.0,
-               restore_prob: float = 0.0, restore_min_t: int = 0):
+               restore_prob: float = 0.0, restore_min_t: int = 0, max_t: int = 0,
+               restore_weight: float = 0.0):
     x, z_t_emb, grid = batch["image"], batch["teacher_embedding"], batch["grid"]
     k_aug, k_t, k_noise, k_drop, k_bad = jax.random.split(rng, 5)
     aug = self.config.data.augment
     if aug.flip or aug.rot90:
       x, z_t_emb, grid = _random_flip_rot90(k_aug, [x, z_t_emb, grid], aug.flip, aug.rot90)
-    num_t = self.schedule.num_train_timesteps
+    num_t = max_t or self.schedule.num_train_timesteps
     t = jax.random.randint(k_t, (x.shape[0],), 0, num_t)
     z0 = jax.lax.stop_gradient(self.encode(params, x))
-    x_in, z0_in = x, z0
+    x_in, z0_in, weight = x, z0, 1.0
     if restore_prob > 0:
       x_in, masks = anomalies.corrupt(k_bad, x, restore_prob)
       restored = jnp.max(masks, axis=(1, 2)) > 0
       z0_in = jax.lax.stop_gradient(self.encode(params, x_in))
       t = jnp.where(restored, restore_min_t + t * (num_t - restore_min_t) // num_t, t)
+      weight = 1.0 + restore_weight * _area_fraction(masks, z0.shape[1:3])[..., None]
     drop = jax.random.bernoulli(k_drop, grid_dropout, (x.shape[0], 1, 1))
     z_s, context = self.mgkd.apply({"params": params["mgkd"]}, z0_in, jnp.where(drop, 1.0, grid))
     noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
     z_t = schedule_lib.q_sample(self.schedule, z0_in, t, noise)
-    prediction = self.guided_output(params, x_in, z_t, t, context)
+    prediction = self.guided_output(params, x_in, z_t, t, context, z0=z0_in)
     eps = noise
     if restore_prob > 0:
       eps = restoration_eps(self.schedule, z0, z_t, t, noise, restored)
@@ -187,10 +202,17 @@ class MSD:
       target = z0
     else:
       raise ValueError(f"unknown prediction_type {kind!r}; choose epsilon, v_prediction or sample")
-    diffusion = jnp.mean(jnp.square(prediction - target))
+    diffusion = jnp.mean(weight * jnp.square(prediction - target))
     kd = mgkd_lib.kd_loss_from_config(self.config, z_s, z_t_emb, grid)
     return {"loss": diffusion + kd_weight * kd["loss"], "diffusion": diffusion,
             "kd": kd["loss"], "kd_mse": kd["mse"], "kd_kl": kd["kl"]}
+
+  def msd_loss_from_config(self):
+    """`msd_loss` with the msd stage's settings (`config.stages.msd`)."""
+    cfg = self.config.stages.msd
+    return functools.partial(self.msd_loss, kd_weight=cfg.kd_weight, grid_dropout=cfg.grid_dropout,
+                             restore_prob=cfg.restore_prob, restore_min_t=cfg.restore_min_t,
+                             max_t=cfg.get("max_t", 0), restore_weight=cfg.get("restore_weight", 0.0))
 
   def scoring_reference(self, params, images):
     """What a reconstruction is compared with (`config.model.scorer.reference`): the input
@@ -210,7 +232,7 @@ class MSD:
     d = self.config.diffusion
     z0 = self.encode(params, images)
     _, context = self.mgkd.apply({"params": params["mgkd"]}, z0, jnp.ones(z0.shape[:3], z0.dtype))
-    hint = self.sgen.apply({"params": params["sgen"]}, images, z0.shape[1:3],
+    hint = self.sgen.apply({"params": params["sgen"]}, images, z0.shape[1:3], z0,
                            method=sgen_lib.SGEN.hint)  # the image's, the same at every step
     denoise = lambda z_t, t: self.guided_output(params, images, z_t, t, context, hint)
     z0_hat = samplers.reconstruct(denoise, z0, d.t_start, d.num_inference_steps, rng, self.schedule,

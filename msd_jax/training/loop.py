@@ -98,6 +98,12 @@ def validate_config(config, mesh) -> None:
   unknown = [s for s in config.stages.order if s not in STAGES]
   if unknown:
     raise ValueError(f"unknown stages {unknown}; available: {sorted(STAGES)}")
+  msd, num_t = config.stages.msd, config.diffusion.num_train_timesteps
+  max_t = msd.get("max_t", 0) or num_t
+  if not config.diffusion.t_start < max_t <= num_t or msd.restore_min_t >= max_t:
+    raise ValueError(f"stages.msd.max_t={max_t} must exceed diffusion.t_start="
+                     f"{config.diffusion.t_start} and stages.msd.restore_min_t={msd.restore_min_t}"
+                     f", and be at most diffusion.num_train_timesteps={num_t}")
   if config.data.kind != "synthetic" and not os.path.isdir(config.data.root):
     raise FileNotFoundError(f"data.root={config.data.root!r} is not a folder "
                             f"(data.kind={config.data.kind})")
@@ -299,9 +305,7 @@ def msd_stage(ctx: Context, params, rng) -> StageResult:
   data = config.data.copy_and_resolve_references()
   data.augment.flip = data.augment.rot90 = False  # applied in the loss, with the cached maps
   state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
-  loss = functools.partial(ctx.model.msd_loss, kd_weight=cfg.kd_weight,
-                           grid_dropout=cfg.grid_dropout, restore_prob=cfg.restore_prob,
-                           restore_min_t=cfg.restore_min_t)
+  loss = ctx.model.msd_loss_from_config()
   validate = make_validator(ctx, ctx.model.reconstruct, "msd", ctx.model.scoring_reference)
   return _train(ctx, "msd", state, loss, labels, tx, schedule, cfg.num_steps, validate,
                 data=data, extend_batch=targets)
