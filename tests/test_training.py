@@ -50,7 +50,7 @@ def test_config_validation_fails_before_compiling(tmp_path):
                               ("stages.order", ("vae", "nope"), "unknown stages"),
                               ("data.kind", "mvtec", "not a folder"),
                               ("stages.msd.max_t", 999, "must exceed diffusion.t_start"),
-                              ("stages.msd.restore_min_t", 999, "max_t=1000 must exceed")]:
+                              ("stages.msd.restore_min_t", 1000, "max_t=1000 must exceed")]:
     config = get_config("tiny")
     config.train.batch_size = config.eval.batch_size = 8
     config.stages.order = ("vae",)
