@@ -46,7 +46,8 @@ def spec(size: int, batch: int) -> dict:
   s.update(batch=batch, size=size, latent=size // 2 ** (len(config.model.vae.block_out_channels) - 1),
            vae=dict(config.model.vae.items()), t_start=config.diffusion.t_start,
            num_steps=10, scorer=dict(config.model.scorer.items()))  # 10 DDIM steps, always
-  s["vae"] = {k: tuple(v) if isinstance(v, list) else v for k, v in s["vae"].items() if k != "dtype"}
+  s["vae"] = {k: tuple(v) if isinstance(v, list) else v for k, v in s["vae"].items()
+              if k not in ("dtype", "patch_shortcut")}  # diffusers' architecture, as the reference
   s["scorer"]["input_scale"] = 1.0  # the reference scores at the input's size (256 px here)
   return s
 

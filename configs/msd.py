@@ -17,7 +17,7 @@ def _vae(variant):
   c = ml_collections.ConfigDict()
   c.in_channels = 3
   c.out_channels = 3
-  c.latent_channels = 4
+  c.latent_channels = {"demo": 16}.get(variant, 4)
   c.scaling_factor = 0.18215
   c.layers_per_block = {"full": 2, "small": 2, "tiny": 1, "demo": 1}[variant]
   c.block_out_channels = {
@@ -31,14 +31,14 @@ def _vae(variant):
   c.up_block_types = ("UpDecoderBlock2D",) * n
   c.norm_num_groups = {"full": 32, "small": 32, "tiny": 4, "demo": 16}[variant]
   c.dtype = "float32"  # activations; "bfloat16" on accelerators (params stay float32)
+  c.patch_shortcut = variant == "demo"  # + a linear patch autoencoder (msd_jax/models/vae.py)
   return c
 
 
 def _unet(variant):
   """diffusers `UNet2DConditionModel` config keys."""
   c = ml_collections.ConfigDict()
-  c.in_channels = 4
-  c.out_channels = 4
+  c.in_channels = c.out_channels = {"demo": 16}.get(variant, 4)  # = model.vae.latent_channels
   c.layers_per_block = {"full": 2, "small": 2, "tiny": 1, "demo": 1}[variant]
   c.block_out_channels = {
       "full": (320, 640, 1280, 1280),
@@ -95,14 +95,14 @@ def _scorer(variant):
   c.map_type = "feature"  # feature (1 - cos, the paper) | pixel (|x - x_hat|, ablation)
   c.sigma = 4.0  # Gaussian smoothing of the map, pixels
   c.pool_size = {"full": 16, "small": 16, "tiny": 4, "demo": 4}[variant]  # image score pooling
-  # > 1: both images enlarged (bilinear) before the backbone; demo's 64 px images are seen at 256
-  c.input_scale = {"demo": 4.0}.get(variant, 1.0)
+  c.input_scale = 1.0  # > 1: both images enlarged (bilinear) before the backbone
   c.input_pad = 0  # pixels of padding around the scorer input (multiple of the largest stride)
   c.pad_mode = "reflect"  # reflect | symmetric | edge | constant, for input_pad
   c.border_margin = 0  # pixels at each image edge left out of the image score
-  # x_hat is compared with: input (x, the paper) | autoencoder (D(E(x)): the autoencoder's own
-  # loss of detail cancels; the vae stage's validation always uses the input)
-  c.reference = "autoencoder"
+  # x_hat is compared with: input (x, the paper) | autoencoder (D(E(x)): the detail a lossy
+  # autoencoder drops cancels; the vae stage's validation always uses the input). demo's
+  # autoencoder is nearly lossless (model.vae.patch_shortcut), so it compares with the input.
+  c.reference = {"demo": "input"}.get(variant, "autoencoder")
   return c
 
 
@@ -208,7 +208,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.stages = ml_collections.ConfigDict()
   config.stages.order = ("vae", "teacher_cache", "msd")
   config.stages.vae = ml_collections.ConfigDict()
-  config.stages.vae.num_steps = {"full": 20000, "small": 10000, "tiny": 2, "demo": 200}[variant]
+  config.stages.vae.num_steps = {"full": 20000, "small": 10000, "tiny": 2, "demo": 100}[variant]
   config.stages.vae.learning_rate = {"full": 4.5e-6, "small": 1e-4, "tiny": 1e-3, "demo": 1e-3}[variant]
   config.stages.vae.kl_weight = 1e-6
   config.stages.vae.init_logvar = -10.0  # starting posterior log-variance (vae.with_posterior_logvar)
@@ -217,10 +217,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # After training (not with converted weights, which keep model.vae.scaling_factor): latent
   # scale = 1 / std of the latents of the first `scale_images` training images (LDM scale_by_std).
   config.stages.vae.scale_by_std = True
-  config.stages.vae.scale_images = 64
+  config.stages.vae.scale_images = 64  # also the images of the patch shortcut's PCA
   config.stages.vae.trainable = ("vae/",)
   config.stages.msd = ml_collections.ConfigDict()
-  config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 1200}[variant]
+  config.stages.msd.num_steps = {"full": 100000, "small": 30000, "tiny": 2, "demo": 1600}[variant]
   config.stages.msd.kd_weight = 1.0  # lambda in L_MSD = eps-loss + lambda * L_KD
   config.stages.msd.grid_dropout = 0.5  # P(student input z0 * 1, as at inference, not z0 * G)
   # Restoration training (msd_jax.anomalies; 0 = the paper's objective): this fraction of the

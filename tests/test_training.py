@@ -50,13 +50,18 @@ def test_config_validation_fails_before_compiling(tmp_path):
                               ("stages.order", ("vae", "nope"), "unknown stages"),
                               ("data.kind", "mvtec", "not a folder"),
                               ("stages.msd.max_t", 999, "must exceed diffusion.t_start"),
-                              ("stages.msd.restore_min_t", 1000, "max_t=1000 must exceed")]:
+                              ("stages.msd.restore_min_t", 1000, "max_t=1000 must exceed"),
+                              ("model.unet.in_channels", 8, "must equal model.vae.latent_channels"),
+                              ("stages.vae.init_checkpoint", "sd-vae", None)]:
     config = get_config("tiny")
     config.train.batch_size = config.eval.batch_size = 8
     config.stages.order = ("vae",)
     *path, name = key.split(".")
     section = functools.reduce(lambda c, k: c[k], path, config)
     section[name] = value
+    if message is None:  # valid as such; not with the patch shortcut
+      loop.validate_config(config, mesh)
+      config.model.vae.patch_shortcut, message = True, "patch_shortcut adds parameters"
     with pytest.raises((ValueError, FileNotFoundError), match=message):
       loop.validate_config(config, mesh)
 

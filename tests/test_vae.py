@@ -104,3 +104,32 @@ def test_full_config_parameter_count():
   model = vae_lib.from_config(get_config("full").model.vae)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   assert sum(x.size for x in jax.tree.leaves(shapes)) == 83_653_863
+
+
+def test_space_to_depth_round_trip():
+  x = np.random.default_rng(2).standard_normal((2, 8, 12, 3)).astype(np.float32)
+  packed = vae_lib.space_to_depth(x, 4)
+  assert packed.shape == (2, 2, 3, 48)
+  np.testing.assert_array_equal(packed[1, 1, 2], x[1, 4:8, 8:12].reshape(-1))  # one patch, row-major
+  np.testing.assert_array_equal(vae_lib.depth_to_space(packed, 4), x)
+
+
+@pytest.mark.parametrize("latent_channels", [12, 5])
+def test_patch_pca_start(latent_channels):
+  """With the deep paths zeroed the autoencoder is the PCA of 2 x 2 patches: lossless with all
+  12 components, else exactly numpy's rank-k PCA reconstruction."""
+  model = vae_lib.AutoencoderKL(latent_channels=latent_channels, layers_per_block=1,
+                                block_out_channels=(8, 8), norm_num_groups=4, patch_shortcut=True)
+  rng = np.random.default_rng(3)
+  images = np.tanh(rng.standard_normal((4, 16, 16, 3)).cumsum(1) * 0.3).astype(np.float32)
+  params = model.init(jax.random.key(0), images[:1])["params"]
+  params = vae_lib.with_patch_pca(params, images, model.downsample_factor)
+  recon = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, images)
+  patches = vae_lib.space_to_depth(images, 2).reshape(-1, 12)
+  mean = patches.mean(0)
+  _, _, vt = np.linalg.svd(patches - mean, full_matrices=False)
+  basis = vt[:latent_channels]
+  expected = vae_lib.depth_to_space(((patches - mean) @ basis.T @ basis + mean).reshape(4, 8, 8, 12), 2)
+  np.testing.assert_allclose(recon, expected, atol=1e-4)
+  if latent_channels == 12:
+    np.testing.assert_allclose(recon, images, atol=1e-4)

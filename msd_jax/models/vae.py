@@ -43,6 +43,21 @@ class DiagonalGaussian:
     return 0.5 * jnp.sum(self.mean**2 + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
+def space_to_depth(x, f: int):
+  """(B, H, W, C) -> (B, H/f, W/f, f*f*C): each f x f patch as one vector."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // f, w // f, f * f * c)
+
+
+def depth_to_space(x, f: int):
+  """The inverse of `space_to_depth`."""
+  b, h, w, fc = x.shape
+  c = fc // (f * f)
+  x = x.reshape(b, h, w, f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * f, w * f, c)
+
+
 class UNetMidBlock2D(nn.Module):
   """resnet, spatial self-attention, resnet (no time embedding)."""
   groups: int = 32
@@ -140,6 +155,12 @@ class AutoencoderKL(nn.Module):
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215  # latents = scaling_factor * posterior sample
   dtype: Dtype = jnp.float32  # activations; parameters stay float32
+  # Not in diffusers: a linear autoencoder of f x f patches beside the deep one (its 1x1 convs
+  # on `space_to_depth(x)` and to `depth_to_space`), so the deep path learns the residual.
+  # On fine texture such as granite at 64 px a linear patch code of 16 channels is nearly
+  # lossless, while the deep path alone, trained for minutes, learns little beyond local mean
+  # colour (cf. DC-AE's space-to-channel shortcuts). Off for converted SD checkpoints.
+  patch_shortcut: bool = False
 
   def setup(self):
     if set(self.down_block_types) != {"DownEncoderBlock2D"} or set(self.up_block_types) != {"UpDecoderBlock2D"}:
@@ -150,12 +171,30 @@ class AutoencoderKL(nn.Module):
     self.post_quant_conv = layers.conv(self.latent_channels, 1, self.dtype, None)
     self.decoder = Decoder(self.out_channels, self.block_out_channels, self.layers_per_block,
                            self.norm_num_groups, self.dtype)
+    if self.patch_shortcut:
+      f = self.downsample_factor
+      self.patch_encoder = layers.conv(self.latent_channels, 1, self.dtype, None)
+      self.patch_decoder = layers.conv(f * f * self.out_channels, 1, self.dtype, None)
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.block_out_channels) - 1)
 
   def encode(self, x) -> DiagonalGaussian:
-    return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x.astype(self.dtype))))
+    x = x.astype(self.dtype)
+    moments = self.quant_conv(self.encoder(x))
+    if self.patch_shortcut:
+      mean, logvar = jnp.split(moments, 2, axis=-1)
+      mean = mean + self.patch_encoder(space_to_depth(x, self.downsample_factor))
+      moments = jnp.concatenate([mean, logvar], axis=-1)
+    return DiagonalGaussian.from_moments(moments)
 
   def decode(self, z):
-    return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(jnp.float32)
+    z = z.astype(self.dtype)
+    x = self.decoder(self.post_quant_conv(z))
+    if self.patch_shortcut:
+      x = x + depth_to_space(self.patch_decoder(z), self.downsample_factor)
+    return x.astype(jnp.float32)
 
   def __call__(self, x, key=None):
     posterior = self.encode(x)
@@ -186,3 +225,27 @@ def with_posterior_logvar(params, logvar: float):
   kernel = jnp.asarray(quant["kernel"]).at[..., half:].set(0.0)
   bias = jnp.asarray(quant["bias"]).at[half:].set(logvar)
   return dict(params, quant_conv=dict(quant, kernel=kernel, bias=bias))
+
+
+def with_patch_pca(params, images, factor: int):
+  """`params` (with `patch_shortcut`) starting as the best linear patch autoencoder of `images`
+  (principal components of their factor x factor patches, orthonormal, so latent distances are
+  patch distances), with the deep encoder's mean and the deep decoder's output zeroed: training
+  starts from the linear code and the deep paths learn what it misses. Gradient descent finds
+  that linear code only slowly (its patch covariance is badly conditioned); PCA gives it in
+  closed form."""
+  patches = space_to_depth(jnp.asarray(images, jnp.float32), factor)
+  patches = patches.reshape(-1, patches.shape[-1])
+  mean = patches.mean(axis=0)
+  _, _, vt = jnp.linalg.svd(patches - mean, full_matrices=False)
+  k = params["patch_encoder"]["bias"].shape[-1]
+  basis = vt[:k]  # (k, f*f*C)
+  quant = params["quant_conv"]
+  conv_out = params["decoder"]["conv_out"]
+  return dict(
+      params,
+      patch_encoder={"kernel": basis.T[None, None], "bias": -mean @ basis.T},
+      patch_decoder={"kernel": basis[None, None], "bias": mean},
+      quant_conv=dict(quant, kernel=jnp.asarray(quant["kernel"]).at[..., :k].set(0.0),
+                      bias=jnp.asarray(quant["bias"]).at[:k].set(0.0)),
+      decoder=dict(params["decoder"], conv_out=jax.tree.map(jnp.zeros_like, conv_out)))

@@ -104,6 +104,14 @@ def validate_config(config, mesh) -> None:
     raise ValueError(f"stages.msd.max_t={max_t} must exceed diffusion.t_start="
                      f"{config.diffusion.t_start} and stages.msd.restore_min_t={msd.restore_min_t}"
                      f", and be at most diffusion.num_train_timesteps={num_t}")
+  vae, unet = config.model.vae, config.model.unet
+  if not unet.in_channels == unet.out_channels == vae.latent_channels:
+    raise ValueError(f"model.unet.in_channels / out_channels ({unet.in_channels} / "
+                     f"{unet.out_channels}) must equal model.vae.latent_channels "
+                     f"({vae.latent_channels})")
+  if vae.get("patch_shortcut") and config.stages.vae.init_checkpoint:
+    raise ValueError("model.vae.patch_shortcut adds parameters a converted checkpoint "
+                     "(stages.vae.init_checkpoint) does not have; turn it off")
   if config.data.kind != "synthetic" and not os.path.isdir(config.data.root):
     raise FileNotFoundError(f"data.root={config.data.root!r} is not a folder "
                             f"(data.kind={config.data.kind})")
@@ -231,7 +239,11 @@ def vae_stage(ctx: Context, params, rng) -> StageResult:
   if cfg.init_checkpoint:
     params = dict(params, vae=ckpt_lib.load_params(cfg.init_checkpoint))
     return StageResult(state_lib.TrainState(step=0, params=params, opt_state=None, rng=rng), False)
-  params = dict(params, vae=vae_lib.with_posterior_logvar(params["vae"], cfg.init_logvar))
+  vae_params = vae_lib.with_posterior_logvar(params["vae"], cfg.init_logvar)
+  if ctx.config.model.vae.patch_shortcut:
+    vae_params = vae_lib.with_patch_pca(vae_params, _training_images(ctx, cfg.scale_images),
+                                        ctx.model.vae.downsample_factor)
+  params = dict(params, vae=vae_params)
   state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
   loss = functools.partial(ctx.model.vae_loss, kl_weight=cfg.kl_weight)
   validate = make_validator(ctx, ctx.model.vae_reconstruct, "vae")
@@ -241,13 +253,18 @@ def vae_stage(ctx: Context, params, rng) -> StageResult:
   return result
 
 
-def _with_latent_scale(ctx: Context, params):
-  """`params` with `latent_scale` = 1 / std of the trained VAE's latents on training images."""
-  records = ctx.splits["train"][:ctx.config.stages.vae.scale_images]
-  images = np.concatenate([
+def _training_images(ctx: Context, count: int) -> np.ndarray:
+  """The first `count` training images, as the model sees them (no augmentation)."""
+  records = ctx.splits["train"][:count]
+  return np.concatenate([
       b["image"][b["valid"]] for b in input_pipeline.eval_dataset(
           records, image_size=ctx.config.data.image_size,
           global_batch_size=len(records)).as_numpy_iterator()])
+
+
+def _with_latent_scale(ctx: Context, params):
+  """`params` with `latent_scale` = 1 / std of the trained VAE's latents on training images."""
+  images = _training_images(ctx, ctx.config.stages.vae.scale_images)
   scale = jax.jit(ctx.model.latent_scale_from_data)(params, images)
   logging.info("latent scale 1/std of %d training latents: %.5f", len(images), float(scale))
   return dict(params, latent_scale=scale)
