@@ -108,7 +108,7 @@ class MSD:
 
   @property
   def latent_size(self) -> int:
-    return self.image_size // 2 ** (len(self.config.model.vae.block_out_channels) - 1)
+    return self.image_size // self.vae.downsample_factor
 
   def init(self, rng):
     """Random params; SGEN's control encoder starts as a copy of the UNet encoder."""

@@ -239,17 +239,17 @@ def vae_stage(ctx: Context, params, rng) -> StageResult:
   if cfg.init_checkpoint:
     params = dict(params, vae=ckpt_lib.load_params(cfg.init_checkpoint))
     return StageResult(state_lib.TrainState(step=0, params=params, opt_state=None, rng=rng), False)
+  images = _training_images(ctx, cfg.scale_images)  # the patch PCA's and the latent scale's
   vae_params = vae_lib.with_posterior_logvar(params["vae"], cfg.init_logvar)
   if ctx.config.model.vae.patch_shortcut:
-    vae_params = vae_lib.with_patch_pca(vae_params, _training_images(ctx, cfg.scale_images),
-                                        ctx.model.vae.downsample_factor)
+    vae_params = vae_lib.with_patch_pca(vae_params, images, ctx.model.vae.downsample_factor)
   params = dict(params, vae=vae_params)
   state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
   loss = functools.partial(ctx.model.vae_loss, kl_weight=cfg.kl_weight)
   validate = make_validator(ctx, ctx.model.vae_reconstruct, "vae")
   result = _train(ctx, "vae", state, loss, labels, tx, schedule, cfg.num_steps, validate)
   if cfg.scale_by_std and not result.preempted:
-    result.state = result.state.replace(params=_with_latent_scale(ctx, result.state.params))
+    result.state = result.state.replace(params=_with_latent_scale(ctx, result.state.params, images))
   return result
 
 
@@ -262,9 +262,8 @@ def _training_images(ctx: Context, count: int) -> np.ndarray:
           global_batch_size=len(records)).as_numpy_iterator()])
 
 
-def _with_latent_scale(ctx: Context, params):
-  """`params` with `latent_scale` = 1 / std of the trained VAE's latents on training images."""
-  images = _training_images(ctx, ctx.config.stages.vae.scale_images)
+def _with_latent_scale(ctx: Context, params, images):
+  """`params` with `latent_scale` = 1 / std of the trained VAE's latents on training `images`."""
   scale = jax.jit(ctx.model.latent_scale_from_data)(params, images)
   logging.info("latent scale 1/std of %d training latents: %.5f", len(images), float(scale))
   return dict(params, latent_scale=scale)
