@@ -51,3 +51,24 @@ def test_upsample_conv_matches_nearest_upsampling_then_conv():
   d_out = jax.random.normal(jax.random.key(3), out_plain.shape)
   for g_fast, g_plain in zip(jax.tree.leaves(vjp_fast(d_out)), jax.tree.leaves(vjp_plain(d_out))):
     np.testing.assert_allclose(g_fast, g_plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 8), 4), ((3, 7, 12), 3)])
+def test_group_norm_matches_linen_with_gradients(shape, groups):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(shape) * 3.0 + 2.0, jnp.float32)
+  ours = layers.GroupNorm(groups, epsilon=1e-5)
+  linen = nn.GroupNorm(num_groups=groups, epsilon=1e-5, use_fast_variance=False)
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                        linen.init(jax.random.key(0), x))
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  np.testing.assert_allclose(ours.apply(params, x), linen.apply(params, x), rtol=1e-5, atol=1e-5)
+  for g_ours, g_linen in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
+                             jax.tree.leaves(jax.grad(loss(linen), argnums=(0, 1))(params, x))):
+    np.testing.assert_allclose(g_ours, g_linen, rtol=1e-4, atol=1e-4)
+  half = layers.GroupNorm(groups, epsilon=1e-5, dtype=jnp.bfloat16).apply(params, x.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(np.float32), linen.apply(params, x), atol=0.1)
+  with pytest.raises(ValueError, match="divisible"):
+    layers.GroupNorm(5).init(jax.random.key(0), x)

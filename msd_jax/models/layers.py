@@ -46,8 +46,38 @@ class TimestepEmbedding(nn.Module):
     return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(nn.silu(emb))
 
 
-def group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+class GroupNorm(nn.Module):
+  """`nn.GroupNorm` (two-pass variance, statistics in float32; same `scale` and `bias`), computed
+  from per-channel sums over the spatial axes, grouped afterwards, and applied as one per-channel
+  multiply-add. Reducing over the (..., groups, channels / groups) view as linen does runs 3-9x
+  slower forward and 1.6-2x slower forward + backward on XLA:CPU at UNet and VAE shapes."""
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, c, g = x.shape[0], x.shape[-1], self.num_groups
+    if c % g:
+      raise ValueError(f"{c} channels are not divisible into {g} groups")
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * (c // g)
+
+    def per_group(channel_sums):  # (B, C) -> each channel's group mean, broadcastable to x
+      means = channel_sums.reshape(b, g, c // g).sum(-1) / count
+      return jnp.repeat(means, c // g, axis=-1).reshape((b,) + (1,) * len(axes) + (c,))
+
+    x = x.astype(jnp.float32)
+    mean = per_group(jnp.sum(x, axes))
+    var = per_group(jnp.sum(jnp.square(x - mean), axes))
+    a = scale * jax.lax.rsqrt(var + self.epsilon)
+    return (x * a + (bias - mean * a)).astype(self.dtype)
+
+
+def group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> GroupNorm:
+  return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:

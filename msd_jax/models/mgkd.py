@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msd_jax.models import layers
 from msd_jax.models import sam as sam_lib
 from msd_jax.models import sam_amg
 
@@ -64,9 +65,9 @@ class StudentResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     h = nn.Conv(self.features, (3, 3), padding=1, name="conv1")(
-        nn.silu(nn.GroupNorm(self.num_groups, epsilon=1e-6, name="norm1")(x)))
+        nn.silu(layers.group_norm(self.num_groups, 1e-6, jnp.float32, "norm1")(x)))
     h = nn.Conv(self.features, (3, 3), padding=1, name="conv2")(
-        nn.silu(nn.GroupNorm(self.num_groups, epsilon=1e-6, name="norm2")(h)))
+        nn.silu(layers.group_norm(self.num_groups, 1e-6, jnp.float32, "norm2")(h)))
     return x + h
 
 
@@ -85,7 +86,7 @@ class MGKDStudent(nn.Module):
       x = StudentResnetBlock(self.width, self.num_groups, name=f"blocks_{i}")(x)
     if x.shape[1:3] != tuple(self.out_size):
       x = jax.image.resize(x, (x.shape[0], *self.out_size, x.shape[-1]), "bilinear")
-    x = nn.silu(nn.GroupNorm(self.num_groups, epsilon=1e-6, name="norm_out")(x))
+    x = nn.silu(layers.group_norm(self.num_groups, 1e-6, jnp.float32, "norm_out")(x))
     return nn.Conv(self.out_channels, (3, 3), padding=1, name="conv_out")(x)
 
 
