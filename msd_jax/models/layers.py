@@ -180,9 +180,11 @@ def _attention_chunk(q, k, v):
 
 
 def _row_block(rows: int, cols: int) -> int:
-  """Query rows attended at once so that one block's scores stay near `_SCORES_PER_CHUNK`
-  entries: all of them for short sequences, a divisor of `rows` for long ones."""
-  block = min(rows, max(1, _SCORES_PER_CHUNK // cols))
+  """Query rows attended at once so that one block's scores stay near 2 x `_SCORES_PER_CHUNK`
+  entries: all of them for short sequences, a divisor of `rows` for long ones. (One head of
+  4096 tokens, head_dim 8: 512-row blocks 530 ms, 256-row 610 ms, 1024-row 710 ms per 64 heads;
+  fewer loop iterations against blocks that outgrow the caches.)"""
+  block = min(rows, max(1, 2 * _SCORES_PER_CHUNK // cols))
   while rows % block:
     block -= 1
   return block
