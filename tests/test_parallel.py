@@ -106,10 +106,10 @@ def test_eight_devices_match_one(tiny_msd, single_device, fsdp):
   np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
   assert len(set(losses.tolist())) == 3
   # Adam divides by sqrt(v): a gradient near zero moves its weight by up to lr whatever its
-  # size, so summation-order noise shows in the weights at a fraction of lr (1e-3); three
-  # steps stay within a tenth of one step.
-  for a, b in zip(jax.tree_util.tree_leaves(state.params),
-                  jax.tree_util.tree_leaves(single_device[1].params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  # size, so summation-order noise moves a few weights in a thousand by a sizeable fraction of
+  # lr. A sharding error (an unreduced or misplaced gradient) moves most of them.
+  diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
+      jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(single_device[1].params))])
+  assert np.mean(diffs > 1e-5) < 2e-3
   frozen = lambda st: np.asarray(st.params["unet"]["conv_in"]["kernel"])
   np.testing.assert_array_equal(frozen(state), frozen(single_device[1]))
