@@ -180,9 +180,6 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # restoration targets: predicting the clean latent directly keeps every target bounded (an eps
   # or v target that leads a corrupted latent back grows like 1 / sqrt(1 - alpha_bar_t) at low t).
   config.diffusion.prediction_type = {"demo": "sample"}.get(variant, "epsilon")
-  # sample prediction only: the UNet predicts the change from the input image's latent, so the
-  # reconstruction keeps the input's texture wherever the model leaves it (not in the paper).
-  config.diffusion.residual_to_input = False
   config.diffusion.t_start = {"full": 999, "small": 999, "tiny": 999, "demo": 249}[variant]  # partial noising
   config.diffusion.num_inference_steps = {"full": 10, "small": 10, "tiny": 2, "demo": 5}[variant]
   config.diffusion.eta = 0.0  # DDIM stochasticity

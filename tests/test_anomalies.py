@@ -88,22 +88,3 @@ def test_restore_weight_raises_the_loss_of_corrupted_images():
   plain, weighted = map(float, losses(params, batches[0]))
   assert weighted > 1.05 * plain
 
-
-def test_residual_to_input_keeps_the_input_where_the_unet_outputs_zero():
-  config = get_config("tiny")
-  config.unlock()
-  config.diffusion.prediction_type = "sample"
-  config.diffusion.residual_to_input = True
-  model = msd_lib.MSD(config)
-  params = jax.device_get(model.init(jax.random.PRNGKey(0)))
-  conv_out = params["unet"]["conv_out"]
-  params["unet"]["conv_out"] = jax.tree_util.tree_map(np.zeros_like, conv_out)
-  x = _images(batch=2, size=config.data.image_size)
-  rec = jax.jit(model.reconstruct)(params, x, jax.random.PRNGKey(1))
-  want = jnp.clip(model.decode(params, model.encode(params, x)), -1, 1)
-  np.testing.assert_allclose(rec, want, atol=1e-5)
-  params["unet"]["conv_out"] = conv_out  # a UNet that changes the latent changes the image
-  assert float(jnp.abs(jax.jit(model.reconstruct)(params, x, jax.random.PRNGKey(1)) - want).max()) > 1e-3
-  config.diffusion.prediction_type = "epsilon"
-  with np.testing.assert_raises_regex(ValueError, "residual_to_input needs prediction_type"):
-    msd_lib.MSD(config).reconstruct(params, x, jax.random.PRNGKey(1))

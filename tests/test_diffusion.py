@@ -59,10 +59,11 @@ def test_q_sample_velocity_and_conversions():
     np.testing.assert_allclose(eps_hat, eps, atol=1e-4)
 
 
-@pytest.mark.parametrize("t_start,num_steps,prediction_type", [(999, 10, "epsilon"), (249, 10, "v_prediction")])
-def test_ddim_reconstruction_matches_diffusers(t_start, num_steps, prediction_type):
+@pytest.mark.parametrize("t_start,num_steps,prediction_type,set_alpha_to_one", [
+    (999, 10, "epsilon", False), (249, 10, "v_prediction", False), (249, 5, "sample", True)])
+def test_ddim_reconstruction_matches_diffusers(t_start, num_steps, prediction_type, set_alpha_to_one):
   timesteps, ratio = samplers.ddim_timesteps(t_start, num_steps)
-  ref = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+  ref = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=set_alpha_to_one,
                       steps_offset=t_start % ratio, timestep_spacing="leading", prediction_type=prediction_type, **SD)
   ref.set_timesteps(1000 // ratio)
   ref_timesteps = ref.timesteps.numpy()[-num_steps:]
@@ -78,7 +79,7 @@ def test_ddim_reconstruction_matches_diffusers(t_start, num_steps, prediction_ty
   sched = schedule_lib.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
   run = jax.jit(lambda z0, key, noise: samplers.reconstruct(
       _denoiser(sched.alphas_cumprod, jnp), z0, t_start, num_steps, key, sched, prediction_type=prediction_type,
-      noise=noise))
+      noise=noise, set_alpha_to_one=set_alpha_to_one))
   ours = run(z0, jax.random.key(0), noise)
   np.testing.assert_allclose(ours, z.numpy(), atol=1e-5)
   assert np.abs(z.numpy() - z0).max() > 1e-2  # the denoiser is not the identity on this data

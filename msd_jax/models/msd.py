@@ -163,16 +163,9 @@ class MSD:
   def guided_output(self, params, images, z_t, t, context, hint=None, z0=None):
     """UNet output (eps for the default prediction type) with SGEN's residuals; `hint` is SGEN's
     image-only conditioning when computed beforehand, else computed from `images` (and their
-    latent `z0`, for `sgen.latent_hint`). With `diffusion.residual_to_input` (sample prediction
-    only) the output is added to the input's latent z0."""
+    latent `z0`, for `sgen.latent_hint`)."""
     down, mid = self.sgen.apply({"params": params["sgen"]}, images, z_t, t, context, hint, z0)
-    out = self.unet.apply({"params": params["unet"]}, z_t, t, context, down, mid)
-    if self.config.diffusion.get("residual_to_input", False):
-      if self.config.diffusion.prediction_type != "sample" or z0 is None:
-        raise ValueError("diffusion.residual_to_input needs prediction_type 'sample' and the "
-                         "input's latent z0")
-      out = out + z0
-    return out
+    return self.unet.apply({"params": params["unet"]}, z_t, t, context, down, mid)
 
   def msd_loss(self, params, batch, rng, kd_weight: float, grid_dropout: float = 0.0,
                restore_prob: float = 0.0, restore_min_t: int = 0, max_t: int = 0,
@@ -241,7 +234,7 @@ class MSD:
     _, context = self.mgkd.apply({"params": params["mgkd"]}, z0, jnp.ones(z0.shape[:3], z0.dtype))
     hint = self.sgen.apply({"params": params["sgen"]}, images, z0.shape[1:3], z0,
                            method=sgen_lib.SGEN.hint)  # the image's, the same at every step
-    denoise = lambda z_t, t: self.guided_output(params, images, z_t, t, context, hint, z0)
+    denoise = lambda z_t, t: self.guided_output(params, images, z_t, t, context, hint)
     z0_hat = samplers.reconstruct(denoise, z0, d.t_start, d.num_inference_steps, rng, self.schedule,
                                   eta=d.eta, prediction_type=d.prediction_type,
                                   set_alpha_to_one=d.get("set_alpha_to_one", False))
