@@ -67,7 +67,7 @@ def _spawn(process_id, num_processes, port, devices):
 
 def _losses(proc):
   try:
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=600)
   finally:
     proc.kill()
   assert proc.returncode == 0, err[-3000:]
