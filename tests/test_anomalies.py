@@ -87,4 +87,3 @@ def test_restore_weight_raises_the_loss_of_corrupted_images():
 
   plain, weighted = map(float, losses(params, batches[0]))
   assert weighted > 1.05 * plain
-
