@@ -17,7 +17,7 @@ sigma 4, max of the average-pooled map).
   encoder runs once per image, before the scan (diffusers reruns it at every step).
 
 Sizes: the demo config's VAE, UNet, student and diffusion settings (t_start 249, 10 DDIM steps)
-at `--size` pixels (256: latent 32 x 32). Both sides get the same images and q_sample noise
+at `--size` pixels (256: latent 64 x 64). Both sides get the same images and q_sample noise
 (numpy, seed 0); the image scores of the two are printed as a check.
 """
 import argparse
@@ -47,7 +47,7 @@ def spec(size: int, batch: int) -> dict:
            vae=dict(config.model.vae.items()), t_start=config.diffusion.t_start,
            num_steps=10, scorer=dict(config.model.scorer.items()))  # 10 DDIM steps, always
   s["vae"] = {k: tuple(v) if isinstance(v, list) else v for k, v in s["vae"].items()
-              if k not in ("dtype", "patch_shortcut")}  # diffusers' architecture, as the reference
+              if k not in ("dtype", "patch_shortcut", "deep")}  # diffusers' architecture, as the reference
   s["scorer"]["input_scale"] = 1.0  # the reference scores at the input's size (256 px here)
   return s
 

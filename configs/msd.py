@@ -32,6 +32,7 @@ def _vae(variant):
   c.norm_num_groups = {"full": 32, "small": 32, "tiny": 4, "demo": 16}[variant]
   c.dtype = "float32"  # activations; "bfloat16" on accelerators (params stay float32)
   c.patch_shortcut = variant == "demo"  # + a linear patch autoencoder (msd_jax/models/vae.py)
+  c.deep = variant != "demo"  # False: that patch autoencoder alone, no SD encoder / decoder
   return c
 
 

@@ -133,3 +133,27 @@ def test_patch_pca_start(latent_channels):
   np.testing.assert_allclose(recon, expected, atol=1e-4)
   if latent_channels == 12:
     np.testing.assert_allclose(recon, images, atol=1e-4)
+
+
+def test_patch_only_autoencoder():
+  """deep=False keeps only the patch code: no SD encoder / decoder parameters, the PCA start is
+  the exact rank-k reconstruction, and the posterior log-variance is one learnt value per
+  channel."""
+  model = vae_lib.AutoencoderKL(latent_channels=5, block_out_channels=(8, 8), norm_num_groups=4,
+                                patch_shortcut=True, deep=False)
+  rng = np.random.default_rng(4)
+  images = np.tanh(rng.standard_normal((4, 16, 16, 3)).cumsum(1) * 0.3).astype(np.float32)
+  params = model.init(jax.random.key(0), images[:1])["params"]
+  assert set(params) == {"patch_encoder", "patch_decoder", "patch_logvar"}
+  params = vae_lib.with_posterior_logvar(vae_lib.with_patch_pca(params, images, 2), -10.0)
+  recon, posterior = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+  patches = vae_lib.space_to_depth(images, 2).reshape(-1, 12)
+  mean = patches.mean(0)
+  basis = np.linalg.svd(patches - mean, full_matrices=False)[2][:5]
+  expected = vae_lib.depth_to_space(((patches - mean) @ basis.T @ basis + mean).reshape(4, 8, 8, 12), 2)
+  np.testing.assert_allclose(recon, expected, atol=1e-4)
+  assert posterior.logvar.shape == posterior.mean.shape == (4, 8, 8, 5)
+  np.testing.assert_array_equal(posterior.logvar, -10.0)
+  with pytest.raises(ValueError, match="needs patch_shortcut"):
+    vae_lib.AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, deep=False).init(
+        jax.random.key(0), images[:1])
