@@ -114,6 +114,14 @@ def test_space_to_depth_round_trip():
   np.testing.assert_array_equal(vae_lib.depth_to_space(packed, 4), x)
 
 
+def _rank_k_patch_pca(images, k):
+  """numpy's rank-k PCA reconstruction of the 2 x 2 patches of (4, 16, 16, 3) images."""
+  patches = vae_lib.space_to_depth(images, 2).reshape(-1, 12)
+  mean = patches.mean(0)
+  basis = np.linalg.svd(patches - mean, full_matrices=False)[2][:k]
+  return vae_lib.depth_to_space(((patches - mean) @ basis.T @ basis + mean).reshape(4, 8, 8, 12), 2)
+
+
 @pytest.mark.parametrize("latent_channels", [12, 5])
 def test_patch_pca_start(latent_channels):
   """With the deep paths zeroed the autoencoder is the PCA of 2 x 2 patches: lossless with all
@@ -125,12 +133,7 @@ def test_patch_pca_start(latent_channels):
   params = model.init(jax.random.key(0), images[:1])["params"]
   params = vae_lib.with_patch_pca(params, images, model.downsample_factor)
   recon = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, images)
-  patches = vae_lib.space_to_depth(images, 2).reshape(-1, 12)
-  mean = patches.mean(0)
-  _, _, vt = np.linalg.svd(patches - mean, full_matrices=False)
-  basis = vt[:latent_channels]
-  expected = vae_lib.depth_to_space(((patches - mean) @ basis.T @ basis + mean).reshape(4, 8, 8, 12), 2)
-  np.testing.assert_allclose(recon, expected, atol=1e-4)
+  np.testing.assert_allclose(recon, _rank_k_patch_pca(images, latent_channels), atol=1e-4)
   if latent_channels == 12:
     np.testing.assert_allclose(recon, images, atol=1e-4)
 
@@ -147,11 +150,7 @@ def test_patch_only_autoencoder():
   assert set(params) == {"patch_encoder", "patch_decoder", "patch_logvar"}
   params = vae_lib.with_posterior_logvar(vae_lib.with_patch_pca(params, images, 2), -10.0)
   recon, posterior = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
-  patches = vae_lib.space_to_depth(images, 2).reshape(-1, 12)
-  mean = patches.mean(0)
-  basis = np.linalg.svd(patches - mean, full_matrices=False)[2][:5]
-  expected = vae_lib.depth_to_space(((patches - mean) @ basis.T @ basis + mean).reshape(4, 8, 8, 12), 2)
-  np.testing.assert_allclose(recon, expected, atol=1e-4)
+  np.testing.assert_allclose(recon, _rank_k_patch_pca(images, 5), atol=1e-4)
   assert posterior.logvar.shape == posterior.mean.shape == (4, 8, 8, 5)
   np.testing.assert_array_equal(posterior.logvar, -10.0)
   with pytest.raises(ValueError, match="needs patch_shortcut"):

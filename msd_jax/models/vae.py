@@ -205,9 +205,9 @@ class AutoencoderKL(nn.Module):
 
   def decode(self, z):
     z = z.astype(self.dtype)
-    patches = (depth_to_space(self.patch_decoder(z), self.downsample_factor)
-               if self.patch_shortcut else 0.0)
-    x = self.decoder(self.post_quant_conv(z)) + patches if self.deep else patches
+    x = self.decoder(self.post_quant_conv(z)) if self.deep else 0.0
+    if self.patch_shortcut:
+      x = x + depth_to_space(self.patch_decoder(z), self.downsample_factor)
     return x.astype(jnp.float32)
 
   def __call__(self, x, key=None):
