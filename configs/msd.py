@@ -160,7 +160,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.data.augment.flip = True
   config.data.augment.rot90 = True
   config.data.augment.color_jitter = 0.05  # max brightness shift; contrast/saturation 1 +- 2x
-  config.data.tile_size = 0  # evaluation: > 0 cuts native-resolution tiles instead of resizing
+  # > 0: training, validation and eval.py use native-resolution tiles of this size (each resized
+  # to image_size) instead of whole images resized to image_size; detect.py mirrors it.
+  config.data.tile_size = 0
   config.data.tile_overlap = 32  # minimum overlap of neighbouring tiles, pixels
   config.data.synthetic = ml_collections.ConfigDict()  # kind=synthetic
   config.data.synthetic.num_normal = {"full": 800, "small": 400, "tiny": 16, "demo": 120}[variant]

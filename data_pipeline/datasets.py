@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from msd_jax import tiling
 from msd_jax.image_io import read_image
 
 GOOD = "good"
@@ -505,6 +506,37 @@ def make_splits(records: Sequence[Record], seed: int, k_shot: Optional[int] = No
   for name, objs in objects.items():
     splits[name] = [r for o in objs for r in groups[o]]
   return {name: sorted(splits[name], key=lambda r: r.path) for name in SPLITS}
+
+
+def cut_tiles(records: Sequence[Record], tile_size: int, min_overlap: int, out_dir: str,
+              write: bool = True) -> List[Record]:
+  """Defect-free `records` cut into native-resolution tiles, saved as PNGs under `out_dir`.
+
+  The tiles follow `msd_jax.tiling.make_grid`, the grid evaluation and detect.py score on, so a
+  model trained on them sees texture at the scale it is later shown. Records come back ordered
+  by grid position, then by source image, so any prefix spreads over all images (the patch
+  PCA and the latent scale use a prefix). Files already present are kept (resume); with
+  `write=False` (other processes of a multi-host run) only the records are returned.
+  """
+  if any(r.label for r in records):
+    raise DataError("cut_tiles takes defect-free records only (training split)")
+  if write:
+    os.makedirs(out_dir, exist_ok=True)
+  tiles = []
+  for i, record in enumerate(records):
+    grid = tiling.make_grid(*_image_size(record), tile_size, min_overlap)
+    stem = f"{i:05d}_{os.path.splitext(os.path.basename(record.path))[0]}"
+    image = None
+    for k, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs):
+      path = os.path.join(out_dir, f"{stem}_y{y:04d}_x{x:04d}.png")
+      if write and not os.path.exists(path):
+        if image is None:
+          image = tiling.split(load_image(record), grid)
+        Image.fromarray(image[k]).save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+      tiles.append((k, i, dataclasses.replace(record, path=path, mask_path=None, segments=(),
+                                              size=(tile_size, tile_size))))
+  return [r for _, _, r in sorted(tiles, key=lambda t: t[:2])]
 
 
 def defect_type_names(records: Iterable[Record]) -> Tuple[str, ...]:

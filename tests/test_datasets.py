@@ -9,6 +9,7 @@ from PIL import Image
 
 from configs.msd import get_config
 from data_pipeline import datasets, synthetic
+from msd_jax import tiling
 
 MAGNETIC_TILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                              "magnetic_tile")
@@ -173,6 +174,29 @@ def test_load_splits_generates_synthetic_once(tmp_path):
   data.synthetic.seed = 9
   with pytest.raises(datasets.DataError, match=str(tmp_path / "gen")):
     datasets.load_splits(data)
+
+
+def test_cut_tiles_matches_the_eval_grid(records, tmp_path):
+  normal = [r for r in records if not r.label][:3]
+  out = str(tmp_path / "tiles")
+  tiles = datasets.cut_tiles(normal, tile_size=32, min_overlap=8, out_dir=out)
+  grid = tiling.make_grid(64, 64, 32, 8)
+  assert len(tiles) == 3 * grid.num_tiles == 27
+  assert [t.object_id for t in tiles[:3]] == [r.object_id for r in normal]  # position-major
+  for t in tiles:
+    assert t.size == (32, 32) and t.label == 0 and datasets.load_mask(t).sum() == 0
+  source = {r.object_id: tiling.split(datasets.load_image(r), grid) for r in normal}
+  for k in range(grid.num_tiles):
+    for j, r in enumerate(normal):
+      np.testing.assert_array_equal(datasets.load_image(tiles[3 * k + j]), source[r.object_id][k])
+  # a second call (resume) rewrites nothing; other processes only list the records
+  stamps = {t.path: os.path.getmtime(t.path) for t in tiles}
+  assert datasets.cut_tiles(normal, 32, 8, out) == tiles
+  assert {t.path: os.path.getmtime(t.path) for t in tiles} == stamps
+  assert datasets.cut_tiles(normal, 32, 8, str(tmp_path / "elsewhere"), write=False) != []
+  assert not os.path.exists(tmp_path / "elsewhere")
+  with pytest.raises(datasets.DataError, match="defect-free"):
+    datasets.cut_tiles([r for r in records if r.label][:1], 32, 8, out)
 
 
 def test_summary_cli(stonedd_root, capsys):

@@ -67,12 +67,20 @@ def test_config_validation_fails_before_compiling(tmp_path):
 
 
 @pytest.mark.slow
+def test_per_image_scores_take_the_largest_tile():
+  scores, labels = loop.per_image_scores(np.array([0.1, 0.7, 0.3, 0.2, 0.9]),
+                                         np.array([1, 1, 0, 0, 0]), np.array([4, 4, 6, 6, 5]))
+  np.testing.assert_array_equal(scores, [0.7, 0.9, 0.3])
+  np.testing.assert_array_equal(labels, [1, 0, 0])
+
+
 def test_one_step_of_every_stage_through_the_real_loop(tmp_path):
   config = get_config("tiny")
   config.mesh.data = 2  # 2 of the 8 host devices: the tiny batch of 2
   assert tuple(config.stages.order) == ("vae", "teacher_cache", "msd")
   config.stages.vae.num_steps = 1
   config.stages.msd.num_steps = 1
+  config.data.tile_size, config.data.tile_overlap = 32, 0  # 64 px slabs: 4 tiles each
   mesh_devices = jax.devices()[:2]
   workdir = str(tmp_path)
   original = parallel.make_mesh
@@ -107,14 +115,16 @@ def test_one_step_of_every_stage_through_the_real_loop(tmp_path):
     assert any(moved), group
   assert not np.array_equal(final["unet"]["conv_out"]["kernel"], before["unet"]["conv_out"]["kernel"])
   # scale_by_std: the stored latent scale gives the training latents unit variance.
-  records = datasets.load_splits(config.data, os.path.join(workdir, "data"))["train"]
-  records = records[:config.stages.vae.scale_images]
+  sources = datasets.load_splits(config.data, os.path.join(workdir, "data"))["train"]
+  tiles = loop.training_tiles(config.data, sources, workdir, is_main=False)
+  assert len(tiles) == 4 * len(sources)
+  records = tiles[:config.stages.vae.scale_images]
   images = next(input_pipeline.eval_dataset(records, image_size=config.data.image_size,
                                             global_batch_size=len(records)).as_numpy_iterator())["image"]
   assert float(final["latent_scale"]) != pytest.approx(config.model.vae.scaling_factor)
   assert float(np.std(msd_lib.MSD(config).encode(final, images))) == pytest.approx(1.0, rel=1e-3)
   cache = os.path.join(workdir, "teacher_cache")
-  assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) > 0
+  assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) == len(tiles)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["stages"]["msd"]["num_steps"] == 1
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))

@@ -152,19 +152,22 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
   def validate(state, step):
     params = state.ema_params if state.ema_params is not None else state.params
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
-    rows = {k: [] for k in ("image", "x_hat", "map", "score", "label", "mask", "valid")}
+    rows = {k: [] for k in ("image", "x_hat", "map", "score", "label", "mask", "index",
+                            "valid")}
     for batch in input_pipeline.eval_iterator(records, config.data,
                                               global_batch_size=config.eval.batch_size,
                                               sharding=parallel.batch_sharding(mesh)):
       x_ref, x_hat = recon(params, batch["image"], rng)
       maps, scores = score(x_ref, x_hat)
       for k, v in (("image", batch["image"]), ("x_hat", x_hat), ("map", maps), ("score", scores),
-                   ("label", batch["label"]), ("mask", batch["mask"]), ("valid", batch["valid"])):
+                   ("label", batch["label"]), ("mask", batch["mask"]), ("index", batch["index"]),
+                   ("valid", batch["valid"])):
         rows[k].append(_gather(v))
     host = {k: np.concatenate(v) for k, v in rows.items()}
     keep = host.pop("valid")
     host = {k: v[keep] for k, v in host.items()}
-    m = metrics_lib.compute_metrics(host["score"], host["label"], host["map"], host["mask"])
+    scores, labels = per_image_scores(host["score"], host["label"], host["index"])
+    m = metrics_lib.compute_metrics(scores, labels, host["map"], host["mask"])
     val = {"image_auroc": m["image"]["auroc"], "pixel_auroc": m["pixel"]["auroc"]}
     val["val_auroc"] = float(np.nanmean(list(val.values())))
     thresholds = {"image": m["image"]["threshold"], "pixel": m["pixel"]["threshold"]}
@@ -180,6 +183,15 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
     return val, {"thresholds": thresholds, "val_metrics": val}
 
   return validate
+
+
+def per_image_scores(scores, labels, index):
+  """Image scores and labels per record from per-tile ones: a record's score is its largest tile
+  score, as eval.py and detect.py take it (one tile per record: unchanged). Pixel metrics stay
+  per tile, so a pixel covered by k overlapping tiles counts k times."""
+  records = np.unique(index)
+  return (np.array([scores[index == i].max() for i in records]),
+          np.array([labels[index == i].max() for i in records]))
 
 
 def _train(ctx: Context, stage: str, state, loss_fn: Callable, labels, tx, lr_schedule,
@@ -330,6 +342,18 @@ def msd_stage(ctx: Context, params, rng) -> StageResult:
 STAGES = {"vae": vae_stage, "teacher_cache": teacher_cache_stage, "msd": msd_stage}
 
 
+def training_tiles(data, records, workdir: str, is_main: bool):
+  """With `data.tile_size > 0` every stage trains on native-resolution tiles of the training
+  images (written once to `<workdir>/train_tiles`), as validation, eval.py and detect.py score."""
+  tiles = datasets.cut_tiles(records, data.tile_size, data.tile_overlap,
+                             os.path.join(workdir, "train_tiles"), write=is_main)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("train_tiles")
+  logging.info("training on %d tiles of %d px from %d images", len(tiles), data.tile_size,
+               len(records))
+  return tiles
+
+
 def train_and_evaluate(config, workdir: str):
   """Run `config.stages.order`; each stage resumes or is skipped when finished.
 
@@ -342,6 +366,8 @@ def train_and_evaluate(config, workdir: str):
     if not splits[split]:
       raise ValueError(f"the {split} split of data.kind={config.data.kind} is empty")
   is_main = jax.process_index() == 0
+  if config.data.tile_size > 0:
+    splits["train"] = training_tiles(config.data, splits["train"], workdir, is_main)
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
