@@ -35,6 +35,8 @@ _LAYERS = flags.DEFINE_list("layers", None, "Scorer layers, e.g. s4,s8,s16 (mode
 _SIGMA = flags.DEFINE_float("sigma", None, "Gaussian sigma of the map (model.scorer.sigma).")
 _REFERENCE = flags.DEFINE_enum("reference", None, ["input", "autoencoder"],
                                 "What x_hat is compared with (model.scorer.reference).")
+_DISTANCE = flags.DEFINE_enum("distance", None, ["cosine", "whitened"],
+                               "Feature distance of the scorer (model.scorer.distance).")
 _NUM_BINS = flags.DEFINE_integer("num_bins", None, "Binned pixel metrics (large test sets).")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"],
                            "val: choose ablation settings on validation (report in DIR/eval_val/).")
@@ -42,7 +44,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def apply_overrides(config, t_start=None, num_steps=None, layers=None, sigma=None,
-                    reference=None):
+                    reference=None, distance=None):
   """The ablation flags written into the config (unlocked copy semantics kept by the caller)."""
   if t_start is not None:
     config.diffusion.t_start = t_start
@@ -54,6 +56,8 @@ def apply_overrides(config, t_start=None, num_steps=None, layers=None, sigma=Non
     config.model.scorer.sigma = sigma
   if reference is not None:
     config.model.scorer.reference = reference
+  if distance is not None:
+    config.model.scorer.distance = distance
   return config
 
 
@@ -146,15 +150,28 @@ def evaluate(config, predict_fn, records, out_dir, thresholds=None, info=None, n
   return metrics
 
 
+def whitening_batches(config, records):
+  """(images, valid) batches of the first `model.scorer.whitening_images` training records, as
+  validation fits a whitened scorer during training."""
+  ds = input_pipeline.eval_dataset(
+      records[:config.model.scorer.whitening_images], image_size=config.data.image_size,
+      global_batch_size=config.eval.batch_size, tile_size=config.data.tile_size,
+      tile_overlap=config.data.tile_overlap)
+  return ((b["image"], b["valid"]) for b in ds.as_numpy_iterator())
+
+
 def run_eval(config, workdir, num_bins=None, saved_thresholds=True, split="test"):
   """What eval.py does: the best checkpoint of `workdir` on its test split (or `split`), the
   report in `workdir/eval/` (`workdir/eval_<split>/`). Returns (metrics, the report folder).
 
   `saved_thresholds=False` ignores the checkpoint's validation thresholds (they were fixed for
-  the training config's diffusion and scorer settings, not for an ablation's).
+  the training config's diffusion and scorer settings, not for an ablation's), and fits a
+  whitened scorer anew on the training split for the same reason.
   """
-  model = detector_lib.load_model(config, workdir)
   splits = datasets.load_splits(config.data, default_root=os.path.join(workdir, "data"))
+  model = detector_lib.load_model(
+      config, workdir, fit_batches=functools.partial(whitening_batches, config, splits["train"]),
+      refit=not saved_thresholds)
   out_dir = os.path.join(workdir, "eval" if split == "test" else f"eval_{split}")
   metrics = evaluate(config, model.predict_fn, splits[split], out_dir,
                      thresholds=model.thresholds if saved_thresholds else None,
@@ -167,7 +184,7 @@ def main(argv):
   del argv
   config = _CONFIG.value or detector_lib.load_config(_WORKDIR.value)
   overrides = (_T_START.value, _NUM_STEPS.value, _LAYERS.value, _SIGMA.value,
-               _REFERENCE.value)
+               _REFERENCE.value, _DISTANCE.value)
   config = apply_overrides(config, *overrides)
   metrics, out_dir = run_eval(config, _WORKDIR.value, num_bins=_NUM_BINS.value,
                               saved_thresholds=all(v is None for v in overrides),

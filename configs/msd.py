@@ -94,6 +94,11 @@ def _scorer(variant):
   c.weights = ""  # "": EfficientNet-Lite0 from its pip package; else a .pth/.safetensors/.npz/folder
   c.layers = ("s4", "s8", "s16")  # the paper's f1-f3
   c.map_type = "feature"  # feature (1 - cos, the paper) | pixel (|x - x_hat|, ablation)
+  # feature distance: cosine (the paper) | whitened (the residual's Mahalanobis length under the
+  # residuals of `whitening_images` defect-free training images; msd_jax/scoring.py)
+  c.distance = {"demo": "whitened"}.get(variant, "cosine")
+  c.whitening_images = 64
+  c.whitening_shrinkage = 0.01  # covariance shrinkage, a fraction of the mean variance
   c.sigma = 4.0  # Gaussian smoothing of the map, pixels
   c.pool_size = {"full": 16, "small": 16, "tiny": 4, "demo": 4}[variant]  # image score pooling
   c.input_scale = 1.0  # > 1: both images enlarged (bilinear) before the backbone

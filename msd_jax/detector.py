@@ -29,7 +29,8 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
+from typing import (Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TextIO,
+                    Tuple, Union)
 
 import jax
 import ml_collections
@@ -102,10 +103,17 @@ def _restore_best(config, workdir: str):
                           f"under {os.path.join(workdir, 'checkpoints')}")
 
 
-def load_model(config, workdir: str) -> LoadedModel:
+def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable]] = None,
+               refit: bool = False) -> LoadedModel:
   """Restores the best checkpoint of `workdir` and builds its predict_fn: reconstruction
   (partial noising to `config.diffusion.t_start`, DDIM steps, decode) and scoring in one jitted
-  function per batch, with the rng fixed by `config.seed` so results repeat."""
+  function per batch, with the rng fixed by `config.seed` so results repeat.
+
+  A whitened scorer (msd_jax.scoring) uses the fit saved with the checkpoint; with `refit`, or
+  when none was saved, it is fitted anew on `fit_batches()`, an iterable of (images, valid)
+  batches of defect-free training images (what eval.py does when an ablation changes the
+  reconstruction or the scorer layers).
+  """
   params, meta = _restore_best(config, workdir)
   model = msd_lib.MSD(config)
   reconstruct = getattr(model, RECONSTRUCTORS[meta["stage"]])
@@ -115,14 +123,33 @@ def load_model(config, workdir: str) -> LoadedModel:
   key = jax.random.PRNGKey(config.seed)
 
   @jax.jit
-  def predict(params, variables, images):
-    x_hat = reconstruct(params, images, key)
-    maps, scores = score(variables, reference(params, images), x_hat)
+  def pair(params, images):
+    return reference(params, images), reconstruct(params, images, key)
+
+  @jax.jit
+  def predict(params, variables, images, whitening):
+    x_ref, x_hat = pair(params, images)
+    maps, scores = score(variables, x_ref, x_hat, whitening)
     return {"maps": maps, "scores": scores, "reconstructions": x_hat}
+
+  whitening = None
+  if scoring.uses_whitening(config.model.scorer):
+    if not refit and "whitening" in meta:
+      whitening = scoring.whitening_from_json(meta["whitening"])
+    elif fit_batches is None:
+      why = "a refit was asked" if refit else "the checkpoint carries no whitening fit"
+      raise ValueError(f"{workdir}: the scorer's distance is 'whitened' and {why}, but no "
+                       "training batches were given to fit it on (eval.py fits it on the "
+                       "training split)")
+    else:
+      moments = scoring.make_moments_fn(module, variables, config.model.scorer)
+      whitening = scoring.fit_whitening(
+          moments, ((*pair(params, images), valid) for images, valid in fit_batches()),
+          config.model.scorer.whitening_shrinkage)
 
   thresholds = meta.get("thresholds")
   return LoadedModel(
-      predict_fn=lambda images: jax.device_get(predict(params, variables, images)),
+      predict_fn=lambda images: jax.device_get(predict(params, variables, images, whitening)),
       image_size=int(config.data.image_size),
       batch_size=int(config.eval.batch_size),
       thresholds=None if thresholds is None else {k: float(thresholds[k]) for k in

@@ -17,9 +17,17 @@ Choices the paper leaves open:
 - Scale: ImageNet backbones see objects at about 224 px; at small model resolutions (64 px) their
   stride-16 map is 4 x 4. `input_scale` > 1 bilinearly enlarges x and x_hat before the backbone
   (the map is still returned at the input's size), so each layer resolves finer detail.
+
+Beyond the paper, `distance="whitened"` replaces 1 - cos by the Mahalanobis length of the feature
+residual r = Psi_n(x) - Psi_n(x_hat), with the mean and covariance of r fitted on defect-free
+training images and their reconstructions (`fit_whitening`). A model that reconstructs texture
+imperfectly leaves residuals of a typical direction and size on every image; whitening measures
+a residual against those, so a defect's atypical residual stands out from the texture's. Each
+layer's distance is divided by its root mean square on the fitted images, so layers add with
+equal weight. The covariance is shrunk towards `shrinkage` times its mean variance.
 """
 import functools
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +41,79 @@ def cosine_distance(a, b, eps: float = 1e-8):
   return 0.5 * jnp.sum(jnp.square(a - b), axis=-1)
 
 
+def whitened_distance(a, b, whitening: Mapping[str, jax.Array]):
+  """|(a - b - mean) @ whiten| / scale over the last axis (one layer's `fit_whitening` entry)."""
+  r = (a - b - whitening["mean"]) @ whitening["whiten"]
+  return jnp.sqrt(jnp.sum(jnp.square(r), axis=-1)) / whitening["scale"]
+
+
 def anomaly_map(feats_x: Mapping[str, jax.Array], feats_xhat: Mapping[str, jax.Array],
-                layers: Sequence[str], out_hw: tuple[int, int]) -> jax.Array:
-  """Sum over `layers` of the bilinearly upsampled per-position cosine distance -> [B, H, W]."""
+                layers: Sequence[str], out_hw: tuple[int, int],
+                whitening: Optional[Mapping[str, Mapping[str, jax.Array]]] = None) -> jax.Array:
+  """Sum over `layers` of the bilinearly upsampled per-position distance -> [B, H, W]: 1 - cos,
+  or with `whitening` (per layer, from `fit_whitening`) the whitened residual length."""
   total = 0.0
   for name in layers:
-    d = cosine_distance(feats_x[name].astype(jnp.float32), feats_xhat[name].astype(jnp.float32))
+    a, b = feats_x[name].astype(jnp.float32), feats_xhat[name].astype(jnp.float32)
+    d = cosine_distance(a, b) if whitening is None else whitened_distance(a, b, whitening[name])
     total = total + jax.image.resize(d, (d.shape[0], *out_hw), "bilinear")
   return total
+
+
+def residual_moments(feats_x, feats_xhat, layers: Sequence[str], valid) -> dict:
+  """Per layer, over the positions of the `valid` images: count, sum of r and sum of r r^T,
+  r = feats_x - feats_xhat (float32; summed across batches by `fit_whitening`)."""
+  out = {}
+  for name in layers:
+    r = (feats_x[name].astype(jnp.float32) - feats_xhat[name].astype(jnp.float32))
+    w = jnp.broadcast_to(valid.astype(jnp.float32)[:, None, None], r.shape[:3]).reshape(-1)
+    r = r.reshape(-1, r.shape[-1])
+    out[name] = {"count": jnp.sum(w), "sum": w @ r, "outer": (r * w[:, None]).T @ r}
+  return out
+
+
+def whitening_from_moments(moments: Mapping[str, Mapping[str, np.ndarray]],
+                           shrinkage: float) -> dict:
+  """Per layer {"mean" [C], "whiten" [C, C], "scale"}: whiten @ whiten.T is the inverse of the
+  residual covariance shrunk towards `shrinkage` x its mean variance; scale is the root mean
+  square whitened length of the fitted residuals, sqrt(trace(P Cov))."""
+  out = {}
+  for name, m in moments.items():
+    n = float(m["count"])
+    if n < 2:
+      raise ValueError(f"whitening layer {name}: needs at least 2 feature positions, got {n}")
+    mean = np.asarray(m["sum"], np.float64) / n
+    cov = np.asarray(m["outer"], np.float64) / n - np.outer(mean, mean)
+    cov = (cov + cov.T) / 2
+    shrunk = cov + shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
+    precision = np.linalg.inv(shrunk)
+    whiten = np.linalg.cholesky((precision + precision.T) / 2)
+    scale = np.sqrt(max(float(np.trace(precision @ cov)), 1e-12))
+    out[name] = {"mean": mean.astype(np.float32), "whiten": whiten.astype(np.float32),
+                 "scale": np.float32(scale)}
+  return out
+
+
+def fit_whitening(moments_fn: Callable, batches: Iterable, shrinkage: float) -> dict:
+  """`whitening_from_moments` of the moments summed (in float64) over `moments_fn(*batch)`."""
+  total = None
+  for batch in batches:
+    m = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(moments_fn(*batch)))
+    total = m if total is None else jax.tree.map(np.add, total, m)
+  if total is None:
+    raise ValueError("fit_whitening: no batches")
+  return whitening_from_moments(total, shrinkage)
+
+
+def whitening_to_json(whitening: Mapping) -> dict:
+  return {k: {"mean": np.asarray(v["mean"]).tolist(), "whiten": np.asarray(v["whiten"]).tolist(),
+              "scale": float(v["scale"])} for k, v in whitening.items()}
+
+
+def whitening_from_json(data: Mapping) -> dict:
+  return {k: {"mean": np.asarray(v["mean"], np.float32),
+              "whiten": np.asarray(v["whiten"], np.float32),
+              "scale": np.float32(v["scale"])} for k, v in data.items()}
 
 
 def pixel_difference_map(x, x_hat) -> jax.Array:
@@ -98,28 +171,60 @@ def extract_features(module, variables, x, layers: Sequence[str], input_pad: int
   return out
 
 
-def make_score_fn(module, variables, config):
-  """Jitted `f(x, x_hat) -> (maps [B, H, W], scores [B])` for `config.model.scorer`.
+def paired_features(module, variables, x, x_hat, config):
+  """Scorer features of x and of x_hat (one backbone batch), after `input_scale`."""
+  both = jnp.concatenate([x, x_hat])
+  scale = config.get("input_scale", 1)
+  if scale != 1:
+    hw = x.shape[1:3]
+    both = jax.image.resize(both, (both.shape[0], round(hw[0] * scale), round(hw[1] * scale),
+                                   both.shape[3]), "bilinear")
+  feats = extract_features(module, variables, both, tuple(config.layers), config.input_pad,
+                           config.pad_mode)
+  b = x.shape[0]
+  return {k: v[:b] for k, v in feats.items()}, {k: v[b:] for k, v in feats.items()}
 
-  x and x_hat are [B, H, W, 3] in [-1, 1]; both go through the backbone in one batch.
-  """
-  layers = tuple(config.layers)
+
+def uses_whitening(config) -> bool:
+  """Whether `config.model.scorer` scores whitened residuals (and so needs `fit_whitening`)."""
+  distance = config.get("distance", "cosine")
+  if distance not in ("cosine", "whitened"):
+    raise ValueError(f"unknown scorer distance {distance!r}; use 'cosine' or 'whitened'")
+  return config.map_type == "feature" and distance == "whitened"
+
+
+def make_moments_fn(module, variables, config):
+  """Jitted `f(x, x_hat, valid) -> residual_moments` of the scorer layers."""
 
   @jax.jit
-  def score(variables, x, x_hat):
+  def moments(variables, x, x_hat, valid):
+    fx, fh = paired_features(module, variables, x, x_hat, config)
+    return residual_moments(fx, fh, tuple(config.layers), valid)
+
+  return functools.partial(moments, variables)
+
+
+def make_score_fn(module, variables, config):
+  """Jitted `f(x, x_hat, whitening=None) -> (maps [B, H, W], scores [B])` for
+  `config.model.scorer`.
+
+  x and x_hat are [B, H, W, 3] in [-1, 1]; both go through the backbone in one batch.
+  `whitening` (from `fit_whitening`) is required when the scorer's distance is "whitened".
+  """
+  layers = tuple(config.layers)
+  whitened = uses_whitening(config)
+
+  @jax.jit
+  def score(variables, x, x_hat, whitening=None):
     hw = x.shape[1:3]
     if config.map_type == "pixel":
       m = pixel_difference_map(x, x_hat)
     elif config.map_type == "feature":
-      both = jnp.concatenate([x, x_hat])
-      scale = config.get("input_scale", 1)
-      if scale != 1:
-        both = jax.image.resize(both, (both.shape[0], round(hw[0] * scale), round(hw[1] * scale),
-                                       both.shape[3]), "bilinear")
-      feats = extract_features(module, variables, both, layers, config.input_pad, config.pad_mode)
-      b = x.shape[0]
-      m = anomaly_map({k: v[:b] for k, v in feats.items()}, {k: v[b:] for k, v in feats.items()},
-                      layers, hw)
+      if whitened and whitening is None:
+        raise ValueError("the scorer's distance is 'whitened' but no whitening was given; fit "
+                         "it with scoring.fit_whitening on defect-free training images")
+      fx, fh = paired_features(module, variables, x, x_hat, config)
+      m = anomaly_map(fx, fh, layers, hw, whitening if whitened else None)
     else:
       raise ValueError(f"unknown map_type {config.map_type!r}; use 'feature' or 'pixel'")
     m = smooth(m, config.sigma)

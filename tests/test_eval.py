@@ -120,8 +120,10 @@ def test_evaluate_split_end_to_end(eval_main, tmp_path):
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
   """A tiny run through the real training loop (one step per stage, the settings of
-  test_training's smoke test, so the compilation cache is shared)."""
+  test_training's smoke test, so the compilation cache is shared), with the whitened scorer."""
   config = get_config("tiny")
+  config.model.scorer.distance = "whitened"
+  config.model.scorer.whitening_images = 6
   config.mesh.data = 2
   config.stages.vae.num_steps = 1
   config.stages.msd.num_steps = 1
@@ -164,8 +166,10 @@ def test_eval_on_trained_checkpoint(eval_main, trained_workdir):
                                            arrays["masks"], list(arrays["defect_types"]))
   assert _nan_equal(saved["metrics"], json.loads(json.dumps(report.jsonable(recomputed))))
   assert _nan_equal(saved["metrics"], json.loads(json.dumps(report.jsonable(metrics))))
-  assert saved["thresholds"] == pytest.approx(_best_msd_meta(trained_workdir)["thresholds"])
+  meta = _best_msd_meta(trained_workdir)
+  assert saved["thresholds"] == pytest.approx(meta["thresholds"])
   assert saved["info"]["checkpoint"] == "msd step 1"
+  assert sorted(meta["whitening"]) == sorted(config.model.scorer.layers)
   types = sorted({r.defect_type for r in test if r.label})
   for name in [f"grid_{t}.png" for t in types] + ["grid_good.png", "roc_pr.png",
                                                   "score_histogram.png", "index.html"]:
@@ -173,11 +177,15 @@ def test_eval_on_trained_checkpoint(eval_main, trained_workdir):
   page = (out / "index.html").read_text()
   assert all(f"src='grid_{t}.png'" in page for t in types)
 
-  _, val_dir = eval_main.run_eval(config, trained_workdir, split="val")  # --split=val
+  # --split=val with an ablation flag: the whitening is refitted on the training split.
+  _, val_dir = eval_main.run_eval(config, trained_workdir, split="val", saved_thresholds=False)
   val = datasets.load_splits(config.data, default_root=os.path.join(trained_workdir, "data"))["val"]
   val_saved = json.loads((pathlib.Path(val_dir) / "metrics.json").read_text())
   assert pathlib.Path(val_dir) == pathlib.Path(trained_workdir) / "eval_val"
   assert val_saved["info"]["val_images"] == len(val) and "test_images" not in val_saved["info"]
+  assert val_saved["info"]["thresholds"].startswith("F1-optimal on the val split")
+  with pytest.raises(ValueError, match="no training batches"):
+    detector_lib.load_model(config, trained_workdir, refit=True)
   assert np.load(pathlib.Path(val_dir) / "maps.npz")["maps"].shape[0] == len(val)
 
 

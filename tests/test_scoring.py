@@ -129,3 +129,73 @@ def test_pixel_difference_map_and_pixel_score_fn():
   np.testing.assert_allclose(scores, [0.5, 0.0], atol=1e-6)
   with pytest.raises(ValueError, match="map_type"):
     scoring.make_score_fn(None, None, _config(map_type="ssim"))(x, x_hat)
+
+
+def _residual_batches(rng, cov_sqrt, mean, sizes, hw=3):
+  """(feats_x, feats_xhat, valid) batches whose residual is mean + N(0, cov_sqrt cov_sqrt^T);
+  invalid rows carry huge values that must not enter the fit."""
+  batches = []
+  for n in sizes:
+    r = mean + rng.normal(size=(n, hw, hw, len(mean))) @ cov_sqrt.T
+    x_hat = rng.normal(size=r.shape)
+    valid = np.ones(n, bool)
+    valid[-1] = False
+    r[-1] = 1e6
+    batches.append(({"s4": (x_hat + r).astype(np.float32)}, {"s4": x_hat.astype(np.float32)},
+                    valid))
+  return batches
+
+
+def test_whitening_fit_matches_the_shrunk_covariance_of_valid_residuals():
+  rng = np.random.default_rng(0)
+  c = 4
+  cov_sqrt = rng.normal(size=(c, c)) * np.array([3.0, 1.0, 0.3, 0.1])
+  mean = rng.normal(size=c)
+  batches = _residual_batches(rng, cov_sqrt, mean, (5, 7, 4))
+  moments = lambda fx, fh, valid: scoring.residual_moments(fx, fh, ["s4"], jnp.asarray(valid))
+  shrinkage = 0.1
+  fit = scoring.fit_whitening(moments, batches, shrinkage)["s4"]
+
+  r = np.concatenate([(fx["s4"] - fh["s4"])[v].reshape(-1, c) for fx, fh, v in batches]
+                     ).astype(np.float64)
+  cov = np.cov(r, rowvar=False, bias=True)
+  shrunk = cov + shrinkage * np.trace(cov) / c * np.eye(c)
+  np.testing.assert_allclose(fit["mean"], r.mean(0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(fit["whiten"] @ fit["whiten"].T, np.linalg.inv(shrunk), rtol=2e-3)
+  # The fitted residuals have whitened length 1 in root mean square.
+  d = scoring.whitened_distance(jnp.asarray(r, jnp.float32), 0.0, fit)
+  assert float(jnp.sqrt(jnp.mean(jnp.square(d)))) == pytest.approx(1.0, rel=1e-3)
+
+  json_round_trip = scoring.whitening_from_json(scoring.whitening_to_json({"s4": fit}))["s4"]
+  for k in ("mean", "whiten", "scale"):
+    np.testing.assert_array_equal(json_round_trip[k], fit[k])
+
+
+def test_whitened_map_ranks_an_atypical_residual_above_a_larger_typical_one():
+  rng = np.random.default_rng(1)
+  cov_sqrt = np.diag([2.0, 0.05])  # texture residuals vary along the first channel only
+  batches = _residual_batches(rng, cov_sqrt, np.zeros(2), (64,))
+  moments = lambda fx, fh, valid: scoring.residual_moments(fx, fh, ["s4"], jnp.asarray(valid))
+  whitening = scoring.fit_whitening(moments, batches, 0.01)
+  base = np.ones((1, 2, 1, 2), np.float32)
+  x = base + np.array([[[[3.0, 0.0]], [[0.0, 0.5]]]], np.float32)  # typical, atypical
+  m = np.asarray(scoring.anomaly_map({"s4": x}, {"s4": base}, ["s4"], (2, 1), whitening))
+  assert m[0, 1, 0] > 2 * m[0, 0, 0]  # though its Euclidean length is 6x smaller
+  expected = scoring.whitened_distance(jnp.asarray(x), jnp.asarray(base), whitening["s4"])
+  np.testing.assert_allclose(m[0, :, 0], np.asarray(expected)[0, :, 0], rtol=1e-6)
+
+
+def test_whitened_score_fn_needs_a_fit_and_uses_it(backbone):
+  module, variables = backbone
+  config = _config(distance="whitened")
+  x, x_hat = _images(0), _images(1)
+  score = scoring.make_score_fn(module, variables, config)
+  with pytest.raises(ValueError, match="no whitening"):
+    score(x, x_hat)
+  moments = scoring.make_moments_fn(module, variables, config)
+  whitening = scoring.fit_whitening(moments, [(x, x_hat, np.ones(2, bool))], 0.01)
+  assert set(whitening) == set(config.layers)
+  maps, scores = map(np.asarray, score(x, x_hat, whitening))
+  assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and (scores > 0).all()
+  with pytest.raises(ValueError, match="unknown scorer distance"):
+    scoring.make_score_fn(module, variables, _config(distance="l2"))

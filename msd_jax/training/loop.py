@@ -139,7 +139,9 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
 
   Reconstruction (`reconstruct(params, images, rng)`, jitted on the mesh) then the scorer's
   maps and image scores against `reference(params, images)` (default: the images); image and
-  pixel AUROC, and the F1-optimal thresholds. Uses the EMA weights when kept.
+  pixel AUROC, and the F1-optimal thresholds. Uses the EMA weights when kept. A whitened scorer
+  (msd_jax.scoring) is first fitted on the reconstructions of the first
+  `model.scorer.whitening_images` training images; the fit is saved with the checkpoint.
   """
   config, mesh = ctx.config, ctx.mesh
   records = ctx.splits["val"]
@@ -148,17 +150,30 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
   recon = jax.jit(lambda params, x, rng: (
       x if reference is None else reference(params, x), reconstruct(params, x, rng)),
                   out_shardings=parallel.batch_sharding(mesh))
+  whitened = scoring.uses_whitening(config.model.scorer)
+  moments = jax.jit(scoring.make_moments_fn(module, variables, config.model.scorer),
+                    out_shardings=parallel.replicated(mesh))
+
+  def batches(records):
+    return input_pipeline.eval_iterator(records, config.data,
+                                        global_batch_size=config.eval.batch_size,
+                                        sharding=parallel.batch_sharding(mesh))
+
+  def fit_whitening(params, rng):
+    fit_records = ctx.splits["train"][:config.model.scorer.whitening_images]
+    return scoring.fit_whitening(
+        moments, ((*recon(params, b["image"], rng), b["valid"]) for b in batches(fit_records)),
+        config.model.scorer.whitening_shrinkage)
 
   def validate(state, step):
     params = state.ema_params if state.ema_params is not None else state.params
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+    whitening = fit_whitening(params, rng) if whitened else None
     rows = {k: [] for k in ("image", "x_hat", "map", "score", "label", "mask", "index",
                             "valid")}
-    for batch in input_pipeline.eval_iterator(records, config.data,
-                                              global_batch_size=config.eval.batch_size,
-                                              sharding=parallel.batch_sharding(mesh)):
+    for batch in batches(records):
       x_ref, x_hat = recon(params, batch["image"], rng)
-      maps, scores = score(x_ref, x_hat)
+      maps, scores = score(x_ref, x_hat, whitening)
       for k, v in (("image", batch["image"]), ("x_hat", x_hat), ("map", maps), ("score", scores),
                    ("label", batch["label"]), ("mask", batch["mask"]), ("index", batch["index"]),
                    ("valid", batch["valid"])):
@@ -180,7 +195,10 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
           f"{stage}/val/reconstruction": (np.clip(host["x_hat"][:n], -1, 1) + 1) / 2,
           f"{stage}/val/heatmap": heat[..., None]})
     logging.info("stage %s step %d validation: %s", stage, step, val)
-    return val, {"thresholds": thresholds, "val_metrics": val}
+    extras = {"thresholds": thresholds, "val_metrics": val}
+    if whitened:
+      extras["whitening"] = scoring.whitening_to_json(whitening)
+    return val, extras
 
   return validate
 
