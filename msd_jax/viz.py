@@ -46,9 +46,10 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float
 
 
 def outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
-  """bool [H, W]: the pixels of `mask` within `thickness` of its boundary."""
+  """bool [H, W]: the pixels of `mask` within `thickness` of its boundary, the image's edge
+  included (a mask covering most of an image shows as a frame around its holes)."""
   mask = np.asarray(mask, bool)
-  inner = ndimage.binary_erosion(mask, iterations=thickness, border_value=1)
+  inner = ndimage.binary_erosion(mask, iterations=thickness, border_value=0)
   return mask & ~inner
 
 

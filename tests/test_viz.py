@@ -38,6 +38,11 @@ def test_outline(sample):
   assert not edge[28, 34] and edge[20, 30]
   drawn = viz.draw_outline(np.zeros((64, 64, 3), np.uint8), gt, color=(0, 255, 0), thickness=1)
   np.testing.assert_array_equal(drawn[..., 1] == 255, edge)
+  left = np.zeros((8, 8), bool)
+  left[:, :4] = True  # touches three image edges
+  expected = left.copy()
+  expected[1:-1, 1:3] = False
+  np.testing.assert_array_equal(viz.outline(left), expected)
 
 
 def test_binned_curves_match_sklearn():
