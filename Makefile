@@ -21,7 +21,7 @@ demo: install
 	$(PY) eval.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Magnetic Tile (../shared/data/magnetic_tile or MT_ROOT=...): the demo model at 128 px (scorer
-# input 256 px), 300 VAE + 1200 MSD steps; about an hour on 2 CPU cores. Results: README.md.
+# input 256 px), 300 VAE + 1200 MSD steps; about 40 minutes on 2 CPU cores. Results: README.md.
 MT_ROOT ?= ../shared/data/magnetic_tile
 MT_WORKDIR ?= workdirs/magnetic_tile
 MT_FLAGS := --config.data.kind=magnetic_tile --config.data.root=$(MT_ROOT) \
