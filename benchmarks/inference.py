@@ -49,6 +49,7 @@ def spec(size: int, batch: int) -> dict:
   s["vae"] = {k: tuple(v) if isinstance(v, list) else v for k, v in s["vae"].items()
               if k not in ("dtype", "patch_shortcut", "deep")}  # diffusers' architecture, as the reference
   s["scorer"]["input_scale"] = 1.0  # the reference scores at the input's size (256 px here)
+  s["scorer"]["distance"] = "cosine"  # the reference implements the paper's 1 - cos
   return s
 
 
