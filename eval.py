@@ -151,13 +151,16 @@ def evaluate(config, predict_fn, records, out_dir, thresholds=None, info=None, n
 
 
 def whitening_batches(config, records):
-  """(images, valid) batches of the first `model.scorer.whitening_images` training records, as
-  validation fits a whitened scorer during training."""
+  """(images, valid) batches of the first `model.scorer.whitening_images` model inputs of the
+  training records (images, or with `data.tile_size > 0` tiles, on which training and its
+  validation run), as validation fits a whitened scorer during training."""
+  count = config.model.scorer.whitening_images
+  batch = config.eval.batch_size
   ds = input_pipeline.eval_dataset(
-      records[:config.model.scorer.whitening_images], image_size=config.data.image_size,
-      global_batch_size=config.eval.batch_size, tile_size=config.data.tile_size,
-      tile_overlap=config.data.tile_overlap)
-  return ((b["image"], b["valid"]) for b in ds.as_numpy_iterator())
+      records[:count], image_size=config.data.image_size, global_batch_size=batch,
+      tile_size=config.data.tile_size, tile_overlap=config.data.tile_overlap)
+  for start, b in zip(range(0, count, batch), ds.as_numpy_iterator()):
+    yield b["image"], b["valid"] & (start + np.arange(len(b["valid"])) < count)
 
 
 def run_eval(config, workdir, num_bins=None, saved_thresholds=True, split="test"):
