@@ -185,6 +185,15 @@ def paired_features(module, variables, x, x_hat, config):
   return {k: v[:b] for k, v in feats.items()}, {k: v[b:] for k, v in feats.items()}
 
 
+def feature_loss(module, variables, x, x_hat, config) -> jax.Array:
+  """The scorer's own measure as a training loss: 1 - cos between the features of x (held
+  fixed) and x_hat, averaged over positions, images and `config.layers` (the paper's map before
+  upsampling and smoothing). Differentiable in x_hat; the `perceptual_weight` terms."""
+  fx, fh = paired_features(module, variables, jax.lax.stop_gradient(x), x_hat, config)
+  layers = tuple(config.layers)
+  return sum(jnp.mean(cosine_distance(fx[n], fh[n])) for n in layers) / len(layers)
+
+
 def uses_whitening(config) -> bool:
   """Whether `config.model.scorer` scores whitened residuals (and so needs `fit_whitening`)."""
   distance = config.get("distance", "cosine")

@@ -1,4 +1,5 @@
-"""Synthetic anomalies for restoration training, its eps target, and the scoring reference."""
+"""Synthetic anomalies for restoration training, its eps target, the scoring reference and the
+perceptual terms."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +88,25 @@ def test_restore_weight_raises_the_loss_of_corrupted_images():
 
   plain, weighted = map(float, losses(params, batches[0]))
   assert weighted > 1.05 * plain
+
+
+def test_perceptual_weight_adds_the_scorer_distance_of_the_decoded_prediction(fast_compile):
+  from tests.test_parallel import _tiny_msd
+  config, model, params, batches = _tiny_msd()
+  batch = {k: v[:2] for k, v in batches[0].items()}
+  rng = jax.random.PRNGKey(3)
+
+  @jax.jit
+  def terms(params):
+    msd = lambda p, w: model.msd_loss(p, batch, rng, kd_weight=1.0, perceptual_weight=w)
+    vae = lambda w: model.vae_loss(params, batch, rng, kl_weight=1e-6, perceptual_weight=w)
+    grad = jax.grad(lambda p: msd(p, 1.0)["perceptual"])(params)
+    return (msd(params, 0.0), msd(params, 0.5)), (vae(0.0), vae(0.5)), grad
+
+  *pairs, grad = terms(params)
+  for plain, with_term in pairs:
+    assert "perceptual" not in plain and float(with_term["perceptual"]) > 0
+    np.testing.assert_allclose(float(with_term["loss"]),
+                               float(plain["loss"]) + 0.5 * float(with_term["perceptual"]), rtol=1e-5)
+  # The term reaches the UNet through the decoded prediction.
+  assert float(jnp.abs(grad["unet"]["conv_out"]["kernel"]).max()) > 0

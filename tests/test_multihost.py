@@ -18,6 +18,7 @@ NUM_STEPS = 2
 
 def _main(process_id, num_processes, port):
   import jax
+  jax.config.update("jax_disable_most_optimizations", True)  # compiles faster; agreement is the test
   if num_processes > 1:
     os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                       JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(process_id),

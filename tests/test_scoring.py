@@ -1,4 +1,5 @@
 """Anomaly maps, smoothing, image scores and the jitted score function."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,6 +60,19 @@ def test_anomaly_map_is_one_minus_cosine_summed_over_layers():
   np.testing.assert_allclose(m2, 2 * m, atol=1e-6)
   up = scoring.anomaly_map({"s4": a}, {"s4": b}, ["s4"], (8, 8))
   assert up.shape == (1, 8, 8) and float(up.max()) <= 2.0 + 1e-6
+
+
+def test_feature_loss_is_mean_cosine_distance_and_differentiates_only_x_hat(backbone):
+  module, variables = backbone
+  config = _config()
+  x, y = _images(0), _images(1)
+  assert float(scoring.feature_loss(module, variables, x, x, config)) == pytest.approx(0, abs=1e-6)
+  fx, fy = scoring.paired_features(module, variables, x, y, config)
+  want = np.mean([np.mean(scoring.cosine_distance(fx[n], fy[n])) for n in config.layers])
+  assert float(scoring.feature_loss(module, variables, x, y, config)) == pytest.approx(want, rel=1e-5)
+  gx, gy = jax.grad(lambda a, b: scoring.feature_loss(module, variables, a, b, config),
+                    argnums=(0, 1))(x, y)
+  assert float(jnp.abs(gx).max()) == 0 and float(jnp.abs(gy).max()) > 0
 
 
 def test_smooth_matches_scipy_gaussian_filter():

@@ -7,7 +7,9 @@ Every stage trains this same tree; `config.stages.<stage>.trainable` picks the t
 
 Stage losses:
 - `vae_loss`: mean |x - D(E(x) sample)| + kl_weight * KL (summed over the latent, averaged over
-  the batch), as the LDM autoencoder without its adversarial term.
+  the batch) + perceptual_weight * the scorer's 1 - cos between the features of x and the
+  reconstruction (`scoring.feature_loss`), as the LDM autoencoder with the scorer's features in
+  place of LPIPS and without its adversarial term.
 - `msd_loss`: L_MSD = mean ||target - UNet(z_t, t, c, SGEN(x, z_t, t, c))||^2 + kd_weight * L_KD
   with z0 = scaling_factor * mode of E(x) (the VAE is frozen, so its posterior mean is used, as in
   LDM's cached-latent training), t uniform over [0, max_t) (default: all training timesteps;
@@ -15,6 +17,11 @@ Stage losses:
   z0, after `config.diffusion.prediction_type`), c the context tokens of the MGKD student fed
   z0 * G, and L_KD against the cached teacher embedding (`batch["teacher_embedding"]`, mask grid
   `batch["grid"]`).
+  With `perceptual_weight` > 0 (not in the paper) the loss adds that weight times the scorer's
+  1 - cos between the features of the clean image x and the decoded predicted clean latent, for
+  every drawn t: the squared latent error alone is minimised by the average of the plausible
+  latents, a soft image, while the scorer compares in a feature space that marks soft texture as
+  anomalous, so the reconstruction is also trained in the space it is judged in.
   With `restore_prob` > 0 (restoration training, msd_jax.anomalies; not in the paper), that
   fraction of the images gets synthetic anomalies: SGEN, the student and z_t see the corrupted
   image, the target is the eps that leads back to the clean z0, and t is drawn from
@@ -40,7 +47,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from msd_jax import anomalies
+from msd_jax import anomalies, scoring
 from msd_jax.diffusion import samplers
 from msd_jax.diffusion import schedule as schedule_lib
 from msd_jax.models import mgkd as mgkd_lib
@@ -106,6 +113,15 @@ class MSD:
     self.mgkd = mgkd_lib.from_config(config, teacher_embedding_shape(config))
     self.schedule = schedule_lib.from_config(config.diffusion)
 
+  @functools.cached_property
+  def scorer(self):
+    """(module, variables) of `config.model.scorer`, built on first use (perceptual terms)."""
+    return scorer_lib.build_scorer(self.config.model.scorer)
+
+  def perceptual_loss(self, x, x_hat):
+    module, variables = self.scorer
+    return scoring.feature_loss(module, variables, x, x_hat, self.config.model.scorer)
+
   @property
   def latent_size(self) -> int:
     return self.image_size // self.vae.downsample_factor
@@ -131,12 +147,16 @@ class MSD:
 
   # --------------------------------------------------------------------------- autoencoder
 
-  def vae_loss(self, params, batch, rng, kl_weight: float):
+  def vae_loss(self, params, batch, rng, kl_weight: float, perceptual_weight: float = 0.0):
     x = batch["image"]
     x_hat, posterior = self.vae.apply({"params": params["vae"]}, x, rng)
     l1 = jnp.mean(jnp.abs(x - x_hat))
     kl = jnp.mean(posterior.kl())
-    return {"loss": l1 + kl_weight * kl, "l1": l1, "kl": kl}
+    terms = {"loss": l1 + kl_weight * kl, "l1": l1, "kl": kl}
+    if perceptual_weight > 0:
+      terms["perceptual"] = self.perceptual_loss(x, x_hat)
+      terms["loss"] = terms["loss"] + perceptual_weight * terms["perceptual"]
+    return terms
 
   def vae_reconstruct(self, params, images, rng):
     del rng
@@ -169,7 +189,7 @@ class MSD:
 
   def msd_loss(self, params, batch, rng, kd_weight: float, grid_dropout: float = 0.0,
                restore_prob: float = 0.0, restore_min_t: int = 0, max_t: int = 0,
-               restore_weight: float = 0.0):
+               restore_weight: float = 0.0, perceptual_weight: float = 0.0):
     x, z_t_emb, grid = batch["image"], batch["teacher_embedding"], batch["grid"]
     k_aug, k_t, k_noise, k_drop, k_bad = jax.random.split(rng, 5)
     aug = self.config.data.augment
@@ -204,15 +224,21 @@ class MSD:
       raise ValueError(f"unknown prediction_type {kind!r}; choose epsilon, v_prediction or sample")
     diffusion = jnp.mean(weight * jnp.square(prediction - target))
     kd = mgkd_lib.kd_loss_from_config(self.config, z_s, z_t_emb, grid)
-    return {"loss": diffusion + kd_weight * kd["loss"], "diffusion": diffusion,
-            "kd": kd["loss"], "kd_mse": kd["mse"], "kd_kl": kd["kl"]}
+    terms = {"loss": diffusion + kd_weight * kd["loss"], "diffusion": diffusion,
+             "kd": kd["loss"], "kd_mse": kd["mse"], "kd_kl": kd["kl"]}
+    if perceptual_weight > 0:
+      z0_hat, _ = schedule_lib.to_x0_eps(self.schedule, z_t, t, prediction, kind)
+      terms["perceptual"] = self.perceptual_loss(x, self.decode(params, z0_hat))
+      terms["loss"] = terms["loss"] + perceptual_weight * terms["perceptual"]
+    return terms
 
   def msd_loss_from_config(self):
     """`msd_loss` with the msd stage's settings (`config.stages.msd`)."""
     cfg = self.config.stages.msd
     return functools.partial(self.msd_loss, kd_weight=cfg.kd_weight, grid_dropout=cfg.grid_dropout,
                              restore_prob=cfg.restore_prob, restore_min_t=cfg.restore_min_t,
-                             max_t=cfg.get("max_t", 0), restore_weight=cfg.get("restore_weight", 0.0))
+                             max_t=cfg.get("max_t", 0), restore_weight=cfg.get("restore_weight", 0.0),
+                             perceptual_weight=cfg.get("perceptual_weight", 0.0))
 
   def scoring_reference(self, params, images):
     """What a reconstruction is compared with (`config.model.scorer.reference`): the input

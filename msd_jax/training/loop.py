@@ -275,7 +275,8 @@ def vae_stage(ctx: Context, params, rng) -> StageResult:
     vae_params = vae_lib.with_patch_pca(vae_params, images, ctx.model.vae.downsample_factor)
   params = dict(params, vae=vae_params)
   state, labels, tx, schedule = _stage_state(ctx, cfg, params, rng)
-  loss = functools.partial(ctx.model.vae_loss, kl_weight=cfg.kl_weight)
+  loss = functools.partial(ctx.model.vae_loss, kl_weight=cfg.kl_weight,
+                           perceptual_weight=cfg.perceptual_weight)
   validate = make_validator(ctx, ctx.model.vae_reconstruct, "vae")
   result = _train(ctx, "vae", state, loss, labels, tx, schedule, cfg.num_steps, validate)
   if cfg.scale_by_std and not result.preempted:
