@@ -3,6 +3,7 @@ perceptual terms."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs.msd import get_config
 from msd_jax import anomalies
@@ -76,9 +77,14 @@ def test_area_fraction_averages_each_latent_cell():
   np.testing.assert_array_equal(frac, want)
 
 
-def test_restore_weight_raises_the_loss_of_corrupted_images():
+@pytest.fixture(scope="module")
+def tiny_msd():
   from tests.test_parallel import _tiny_msd
-  config, model, params, batches = _tiny_msd()
+  return _tiny_msd()
+
+
+def test_restore_weight_raises_the_loss_of_corrupted_images(tiny_msd):
+  config, model, params, batches = tiny_msd
 
   @jax.jit
   def losses(params, batch):
@@ -90,9 +96,8 @@ def test_restore_weight_raises_the_loss_of_corrupted_images():
   assert weighted > 1.05 * plain
 
 
-def test_perceptual_weight_adds_the_scorer_distance_of_the_decoded_prediction(fast_compile):
-  from tests.test_parallel import _tiny_msd
-  config, model, params, batches = _tiny_msd()
+def test_perceptual_weight_adds_the_scorer_distance_of_the_decoded_prediction(tiny_msd, fast_compile):
+  config, model, params, batches = tiny_msd
   batch = {k: v[:2] for k, v in batches[0].items()}
   rng = jax.random.PRNGKey(3)
 
