@@ -115,12 +115,18 @@ class MSD:
 
   @functools.cached_property
   def scorer(self):
-    """(module, variables) of `config.model.scorer`, built on first use (perceptual terms)."""
+    """(module, variables) of `config.model.scorer`, built on first use (perceptual terms,
+    validation)."""
     return scorer_lib.build_scorer(self.config.model.scorer)
 
-  def perceptual_loss(self, x, x_hat):
+  def with_perceptual(self, terms, weight: float, x, x_hat):
+    """`terms` plus, when `weight` > 0, the scorer's feature distance of x and x_hat as
+    'perceptual', added to 'loss' with that weight."""
+    if weight <= 0:
+      return terms
     module, variables = self.scorer
-    return scoring.feature_loss(module, variables, x, x_hat, self.config.model.scorer)
+    term = scoring.feature_loss(module, variables, x, x_hat, self.config.model.scorer)
+    return dict(terms, loss=terms["loss"] + weight * term, perceptual=term)
 
   @property
   def latent_size(self) -> int:
@@ -152,11 +158,8 @@ class MSD:
     x_hat, posterior = self.vae.apply({"params": params["vae"]}, x, rng)
     l1 = jnp.mean(jnp.abs(x - x_hat))
     kl = jnp.mean(posterior.kl())
-    terms = {"loss": l1 + kl_weight * kl, "l1": l1, "kl": kl}
-    if perceptual_weight > 0:
-      terms["perceptual"] = self.perceptual_loss(x, x_hat)
-      terms["loss"] = terms["loss"] + perceptual_weight * terms["perceptual"]
-    return terms
+    return self.with_perceptual({"loss": l1 + kl_weight * kl, "l1": l1, "kl": kl},
+                                perceptual_weight, x, x_hat)
 
   def vae_reconstruct(self, params, images, rng):
     del rng
@@ -226,11 +229,10 @@ class MSD:
     kd = mgkd_lib.kd_loss_from_config(self.config, z_s, z_t_emb, grid)
     terms = {"loss": diffusion + kd_weight * kd["loss"], "diffusion": diffusion,
              "kd": kd["loss"], "kd_mse": kd["mse"], "kd_kl": kd["kl"]}
-    if perceptual_weight > 0:
-      z0_hat, _ = schedule_lib.to_x0_eps(self.schedule, z_t, t, prediction, kind)
-      terms["perceptual"] = self.perceptual_loss(x, self.decode(params, z0_hat))
-      terms["loss"] = terms["loss"] + perceptual_weight * terms["perceptual"]
-    return terms
+    if perceptual_weight <= 0:
+      return terms
+    z0_hat, _ = schedule_lib.to_x0_eps(self.schedule, z_t, t, prediction, kind)
+    return self.with_perceptual(terms, perceptual_weight, x, self.decode(params, z0_hat))
 
   def msd_loss_from_config(self):
     """`msd_loss` with the msd stage's settings (`config.stages.msd`)."""

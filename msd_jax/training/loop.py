@@ -27,7 +27,6 @@ from msd_jax import metrics as metrics_lib
 from msd_jax import parallel, scoring
 from msd_jax.models import mgkd as mgkd_lib
 from msd_jax.models import msd as msd_lib
-from msd_jax.models import scorer as scorer_lib
 from msd_jax.models import vae as vae_lib
 from msd_jax.training import checkpoint as ckpt_lib
 from msd_jax.training import optim
@@ -145,7 +144,7 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
   """
   config, mesh = ctx.config, ctx.mesh
   records = ctx.splits["val"]
-  module, variables = scorer_lib.build_scorer(config.model.scorer)
+  module, variables = ctx.model.scorer  # the perceptual terms' scorer, built once
   score = scoring.make_score_fn(module, variables, config.model.scorer)
   recon = jax.jit(lambda params, x, rng: (
       x if reference is None else reference(params, x), reconstruct(params, x, rng)),
