@@ -1,7 +1,8 @@
 """PatchCore-style baseline (Roth et al., 2022) on the scorer's backbone: the reference that an
 MSD model on the same data, splits, features and metrics should beat.
 
-  python -m msd_jax.patchcore --config=configs/msd.py:demo --workdir=DIR [--image_size=128]
+  python -m msd_jax.patchcore --config=configs/msd.py:demo --workdir=DIR \
+      [--config.data.image_size=128] [--coreset_fraction=0.01]
 
 No reconstruction: each position's feature vector of a test image is compared with a memory
 bank of the defect-free training images' vectors, and its distance to the nearest one is the
@@ -105,6 +106,7 @@ class PatchCore:
     self.seed = seed
     self.bank = None
     self._features = jax.jit(lambda v, x: patch_features(self.module, v, x, self.layers))
+    self._predict = jax.jit(self._maps_and_scores)
 
   def features(self, images) -> jax.Array:
     return self._features(self.variables, jnp.asarray(images))
@@ -124,24 +126,25 @@ class PatchCore:
       self.bank = vectors[greedy_coreset(vectors, size, jax.random.PRNGKey(self.seed))]
     return self
 
+  def _maps_and_scores(self, variables, bank, images):
+    f = patch_features(self.module, variables, images, self.layers)
+    b, h, w, c = f.shape
+    d = nearest_distance(f.reshape(-1, c), bank).reshape(b, h, w)
+    d = jax.image.resize(d, (b, *images.shape[1:3]), "bilinear")
+    maps = scoring.smooth(d, self.config.sigma)
+    return maps, scoring.image_score(maps, self.config.pool_size, self.config.border_margin)
+
   def predict(self, images):
     """[B, S, S, 3] in [-1, 1] -> (maps [B, S, S], scores [B]), numpy."""
     if self.bank is None:
       raise ValueError("PatchCore.predict before fit")
-    f = self.features(images)
-    b, h, w, c = f.shape
-    d = nearest_distance(f.reshape(-1, c), self.bank).reshape(b, h, w)
-    d = jax.image.resize(d, (b, *images.shape[1:3]), "bilinear")
-    maps = scoring.smooth(d, self.config.sigma)
-    scores = scoring.image_score(maps, self.config.pool_size, self.config.get("border_margin", 0))
+    maps, scores = self._predict(self.variables, self.bank, jnp.asarray(images))
     return np.asarray(maps), np.asarray(scores)
 
 
 def _batches(config, records):
-  ds = input_pipeline.eval_dataset(records, image_size=config.data.image_size,
-                                   global_batch_size=config.eval.batch_size)
-  for batch in ds.as_numpy_iterator():
-    yield batch
+  return input_pipeline.eval_dataset(records, image_size=config.data.image_size,
+                                     global_batch_size=config.eval.batch_size).as_numpy_iterator()
 
 
 def run(config, workdir: str, split: str = "test", coreset_fraction: float = 0.1,
