@@ -105,6 +105,8 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 7) -> float:
   `repeats`), FLOP/s: the practical compute limit used for the utilisation figure."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+
+  import msd_jax  # noqa: PLC0415,F401  (the XLA:CPU flags msd-jax's programs run with)
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   dot = jax.jit(jnp.dot)

@@ -1,4 +1,7 @@
 """msd-jax: MSD latent-diffusion defect detection in JAX/Flax."""
+from msd_jax import xla_env as _xla_env
+
+_xla_env.configure()  # before JAX starts its CPU backend; see msd_jax/xla_env.py
 
 
 def __getattr__(name):

@@ -8,6 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import msd_jax  # noqa: E402,F401  (its XLA:CPU flags, before the backend starts below)
+
 _CACHE = os.environ.get("MSD_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax"))
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
