@@ -1,9 +1,9 @@
 """XLA:CPU settings that msd-jax's programs run faster with; applied on `import msd_jax`.
 
 jaxlib 0.10 hands several kinds of CPU work to the YNNPACK library by default, convolutions
-among them. Its convolutions and their gradients are 2-4x slower than XLA's own on the machines
-we measured (a 3x3 convolution of 16 x 256 x 256 x 32: 240 ms forward against 113 ms; its
-gradients 1645 against 461 ms), while its reductions are 5-20x faster than XLA's (the sum of
+among them. Its convolutions and their gradients are 2-4x slower than XLA's own on the Intel Xeon
+of BENCHMARKS.md (a 3x3 convolution of 16 x 256 x 256 x 32: 240 ms forward against 112 ms; its
+gradients 1645 against 443 ms), while its reductions are 5-20x faster than XLA's (the sum of
 8 x 32 x 32 x 384 over all but the channels: 0.5 against 14.5 ms). So we keep YNNPACK for
 reductions and single matrix products (`--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce`;
 without the products, attention over 4096 tokens is 25% slower). BENCHMARKS.md has the
