@@ -92,19 +92,24 @@ def _scorer(variant):
   # efficientnet_lite0 | efficientnet_lite2 | resnet50 | wide_resnet50_2 | resnet_tiny
   c.backbone = {"full": "resnet50"}.get(variant, "efficientnet_lite0")
   c.weights = ""  # "": EfficientNet-Lite0 from its pip package; else a .pth/.safetensors/.npz/folder
-  c.layers = ("s4", "s8", "s16")  # the paper's f1-f3
+  # the paper's f1-f3; "pixels" adds the images themselves as a stride-1 layer (msd_jax/scoring.py)
+  c.layers = {"demo": ("pixels", "s4", "s8", "s16")}.get(variant, ("s4", "s8", "s16"))
   c.map_type = "feature"  # feature (1 - cos, the paper) | pixel (|x - x_hat|, ablation)
   # feature distance: cosine (the paper) | whitened (the residual's Mahalanobis length under the
   # residuals of `whitening_images` defect-free training images; msd_jax/scoring.py)
   c.distance = {"demo": "whitened"}.get(variant, "cosine")
   c.whitening_images = 64
   c.whitening_shrinkage = 0.01  # covariance shrinkage, a fraction of the mean variance
-  c.sigma = 4.0  # Gaussian smoothing of the map, pixels
+  # Gaussian smoothing of the map, pixels: the paper's 4 at 256 px; demo: the same at 64 px
+  c.sigma = {"demo": 1.0}.get(variant, 4.0)
   c.pool_size = {"full": 16, "small": 16, "tiny": 4, "demo": 4}[variant]  # image score pooling
   c.input_scale = 1.0  # > 1: both images enlarged (bilinear) before the backbone
   c.input_pad = 0  # pixels of padding around the scorer input (multiple of the largest stride)
   c.pad_mode = "reflect"  # reflect | symmetric | edge | constant, for input_pad
   c.border_margin = 0  # pixels at each image edge left out of the image score
+  # shift x_hat by the per-image, per-channel mean of x - x_hat before scoring (an offset of the
+  # whole reconstruction's tone is not a defect)
+  c.match_mean = variant == "demo"
   # x_hat is compared with: input (x, the paper) | autoencoder (D(E(x)): the detail a lossy
   # autoencoder drops cancels; the vae stage's validation always uses the input). demo's
   # autoencoder is nearly lossless (model.vae.patch_shortcut), so it compares with the input.
@@ -229,6 +234,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # After training (not with converted weights, which keep model.vae.scaling_factor): latent
   # scale = 1 / std of the latents of the first `scale_images` training images (LDM scale_by_std).
   config.stages.vae.scale_by_std = True
+  # with scale_by_std: one scale per latent channel (msd.MSD.latent_scale_from_data)
+  config.stages.vae.scale_per_channel = variant == "demo"
   config.stages.vae.scale_images = 64  # also the images of the patch shortcut's PCA
   config.stages.vae.trainable = ("vae/",)
   config.stages.msd = ml_collections.ConfigDict()

@@ -110,7 +110,7 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
   function per batch, with the rng fixed by `config.seed` so results repeat.
 
   A whitened scorer (msd_jax.scoring) uses the fit saved with the checkpoint; with `refit`, or
-  when none was saved, it is fitted anew on `fit_batches()`, an iterable of (images, valid)
+  when none was saved for the scorer's layers, it is fitted anew on `fit_batches()`, an iterable of (images, valid)
   batches of defect-free training images (what eval.py does when an ablation changes the
   reconstruction or the scorer layers).
   """
@@ -134,10 +134,13 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
 
   whitening = None
   if scoring.uses_whitening(config.model.scorer):
-    if not refit and "whitening" in meta:
-      whitening = scoring.whitening_from_json(meta["whitening"])
+    saved = meta.get("whitening")
+    fits = saved is not None and set(saved) == set(config.model.scorer.layers)
+    if not refit and fits:
+      whitening = scoring.whitening_from_json(saved)
     elif fit_batches is None:
-      why = "a refit was asked" if refit else "the checkpoint carries no whitening fit"
+      why = ("a refit was asked" if refit else "the checkpoint carries no whitening fit" if
+             saved is None else f"its whitening fit is for the layers {sorted(saved)}")
       raise ValueError(f"{workdir}: the scorer's distance is 'whitened' and {why}, but no "
                        "training batches were given to fit it on (eval.py fits it on the "
                        "training split)")
@@ -146,6 +149,8 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
       whitening = scoring.fit_whitening(
           moments, ((*pair(params, images), valid) for images, valid in fit_batches()),
           config.model.scorer.whitening_shrinkage)
+      if not fits:  # the saved thresholds were chosen with another scorer
+        meta = dict(meta, thresholds=None)
 
   thresholds = meta.get("thresholds")
   return LoadedModel(

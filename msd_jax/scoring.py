@@ -25,6 +25,13 @@ imperfectly leaves residuals of a typical direction and size on every image; whi
 a residual against those, so a defect's atypical residual stands out from the texture's. Each
 layer's distance is divided by its root mean square on the fitted images, so layers add with
 equal weight. The covariance is shrunk towards `shrinkage` times its mean variance.
+
+Two more switches beyond the paper, for reconstructions that are faithful in texture but not in
+overall tone: `match_mean` shifts x_hat by the per-image, per-channel mean of x - x_hat before
+scoring (a brightness or colour offset of the whole reconstruction is not a defect; a defect
+covering a tenth of the image loses a tenth of its residual), and the layer name `pixels` in
+`layers` adds the images themselves as a stride-1 layer, so defects of one or two pixels, which
+a stride-4 backbone map barely resolves, count. `feature_loss` uses the backbone layers only.
 """
 import functools
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -116,6 +123,12 @@ def whitening_from_json(data: Mapping) -> dict:
               "scale": np.float32(v["scale"])} for k, v in data.items()}
 
 
+def matched_mean(x, x_hat):
+  """x_hat shifted by the per-image, per-channel mean of x - x_hat ([B, H, W, C])."""
+  offset = jnp.mean(x.astype(jnp.float32) - x_hat.astype(jnp.float32), axis=(1, 2), keepdims=True)
+  return (x_hat + offset).astype(x_hat.dtype)
+
+
 def pixel_difference_map(x, x_hat) -> jax.Array:
   """Mean absolute difference over channels, [B, H, W, C] -> [B, H, W] (ablation baseline)."""
   return jnp.mean(jnp.abs(x.astype(jnp.float32) - x_hat.astype(jnp.float32)), axis=-1)
@@ -151,18 +164,23 @@ def image_score(m, pool_size: int, border_margin: int = 0) -> jax.Array:
   return jnp.max(m, axis=(1, 2))
 
 
+PIXELS = "pixels"  # the layer name of the (preprocessed) images themselves, stride 1
+
+
 def extract_features(module, variables, x, layers: Sequence[str], input_pad: int = 0,
                      pad_mode: str = "reflect") -> dict[str, jax.Array]:
-  """Backbone features of [-1, 1] images, optionally computed on a padded copy and cropped back."""
+  """Backbone features of [-1, 1] images, optionally computed on a padded copy and cropped back;
+  the layer `PIXELS` is the preprocessed images."""
   x = module.preprocess(x)
   if input_pad:
     x = jnp.pad(x, ((0, 0), (input_pad, input_pad), (input_pad, input_pad), (0, 0)), mode=pad_mode)
-  feats = module.apply(variables, x)
+  feats = dict(module.apply(variables, x)) if set(layers) - {PIXELS} else {}
+  feats[PIXELS] = x
   out = {}
   for name in layers:
     f = feats[name]
     if input_pad:
-      stride = int(name[1:])
+      stride = 1 if name == PIXELS else int(name[1:])
       if input_pad % stride:
         raise ValueError(f"input_pad={input_pad} is not a multiple of the stride of layer {name}")
       c = input_pad // stride
@@ -171,15 +189,17 @@ def extract_features(module, variables, x, layers: Sequence[str], input_pad: int
   return out
 
 
-def paired_features(module, variables, x, x_hat, config):
-  """Scorer features of x and of x_hat (one backbone batch), after `input_scale`."""
+def paired_features(module, variables, x, x_hat, config, layers=None):
+  """Scorer features of x and of x_hat (one backbone batch), after `input_scale`, for `layers`
+  (default `config.layers`)."""
   both = jnp.concatenate([x, x_hat])
   scale = config.get("input_scale", 1)
   if scale != 1:
     hw = x.shape[1:3]
     both = jax.image.resize(both, (both.shape[0], round(hw[0] * scale), round(hw[1] * scale),
                                    both.shape[3]), "bilinear")
-  feats = extract_features(module, variables, both, tuple(config.layers), config.input_pad,
+  layers = tuple(config.layers if layers is None else layers)
+  feats = extract_features(module, variables, both, layers, config.input_pad,
                            config.pad_mode)
   b = x.shape[0]
   return {k: v[:b] for k, v in feats.items()}, {k: v[b:] for k, v in feats.items()}
@@ -189,8 +209,10 @@ def feature_loss(module, variables, x, x_hat, config) -> jax.Array:
   """The scorer's own measure as a training loss: 1 - cos between the features of x (held
   fixed) and x_hat, averaged over positions, images and `config.layers` (the paper's map before
   upsampling and smoothing). Differentiable in x_hat; the `perceptual_weight` terms."""
-  fx, fh = paired_features(module, variables, jax.lax.stop_gradient(x), x_hat, config)
-  layers = tuple(config.layers)
+  layers = tuple(n for n in config.layers if n != PIXELS)
+  if not layers:
+    raise ValueError(f"the perceptual term needs a backbone layer; the scorer has {config.layers}")
+  fx, fh = paired_features(module, variables, jax.lax.stop_gradient(x), x_hat, config, layers)
   return sum(jnp.mean(cosine_distance(fx[n], fh[n])) for n in layers) / len(layers)
 
 
@@ -207,6 +229,8 @@ def make_moments_fn(module, variables, config):
 
   @jax.jit
   def moments(variables, x, x_hat, valid):
+    if config.get("match_mean", False):
+      x_hat = matched_mean(x, x_hat)
     fx, fh = paired_features(module, variables, x, x_hat, config)
     return residual_moments(fx, fh, tuple(config.layers), valid)
 
@@ -226,6 +250,8 @@ def make_score_fn(module, variables, config):
   @jax.jit
   def score(variables, x, x_hat, whitening=None):
     hw = x.shape[1:3]
+    if config.get("match_mean", False):
+      x_hat = matched_mean(x, x_hat)
     if config.map_type == "pixel":
       m = pixel_difference_map(x, x_hat)
     elif config.map_type == "feature":

@@ -1,5 +1,7 @@
 """eval outputs: metrics.json equals the metrics recomputed from the saved maps, and every
 picture and index.html is written; eval and detect on a checkpoint trained by the real loop."""
+import copy
+import functools
 import importlib.util
 import io
 import json
@@ -186,6 +188,15 @@ def test_eval_on_trained_checkpoint(eval_main, trained_workdir):
   assert val_saved["info"]["thresholds"].startswith("F1-optimal on the val split")
   with pytest.raises(ValueError, match="no training batches"):
     detector_lib.load_model(config, trained_workdir, refit=True)
+  # a scorer with other layers than the saved fit: refitted, and the saved thresholds dropped
+  other = copy.deepcopy(config)
+  other.model.scorer.layers = ("pixels", "s4")
+  with pytest.raises(ValueError, match="fit is for the layers"):
+    detector_lib.load_model(other, trained_workdir)
+  refitted = detector_lib.load_model(other, trained_workdir, fit_batches=functools.partial(
+      eval_main.whitening_batches, other, datasets.load_splits(
+          other.data, default_root=os.path.join(trained_workdir, "data"))["train"]))
+  assert refitted.thresholds is None
   assert np.load(pathlib.Path(val_dir) / "maps.npz")["maps"].shape[0] == len(val)
 
 

@@ -213,3 +213,37 @@ def test_whitened_score_fn_needs_a_fit_and_uses_it(backbone):
   assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and (scores > 0).all()
   with pytest.raises(ValueError, match="unknown scorer distance"):
     scoring.make_score_fn(module, variables, _config(distance="l2"))
+
+
+def test_pixels_layer_resolves_a_one_pixel_change_and_stays_out_of_the_perceptual_term(backbone):
+  module, variables = backbone
+  x = _images()
+  fx = scoring.extract_features(module, variables, x, ("pixels", "s4"), input_pad=8)
+  np.testing.assert_allclose(fx["pixels"], module.preprocess(x), rtol=1e-6, atol=1e-6)
+  assert fx["s4"].shape[1:3] == (16, 16)
+  x_hat = x.copy()
+  x_hat[0, 30, 40] = -x_hat[0, 30, 40]
+  maps = np.asarray(scoring.make_score_fn(module, variables, _config(layers=("pixels",), sigma=0.0))(x, x_hat)[0])
+  assert np.argwhere(maps[0] > 0).tolist() == [[30, 40]] and maps[1].max() == 0
+  config = _config(layers=("pixels", "s4", "s8", "s16"))
+  y = _images(1)
+  assert float(scoring.feature_loss(module, variables, x, y, config)) == pytest.approx(
+      float(scoring.feature_loss(module, variables, x, y, _config())), rel=1e-6)
+  with pytest.raises(ValueError, match="needs a backbone layer"):
+    scoring.feature_loss(module, variables, x, y, _config(layers=("pixels",)))
+
+
+def test_match_mean_ignores_a_tone_offset_of_the_whole_reconstruction(backbone):
+  module, variables = backbone
+  x = _images() * 0.5
+  offset = x + np.array([0.2, -0.1, 0.05], np.float32)
+  for layers in (("pixels",), ("pixels", "s4", "s8")):
+    matched = scoring.make_score_fn(module, variables, _config(layers=layers, match_mean=True))
+    plain = scoring.make_score_fn(module, variables, _config(layers=layers))
+    assert float(np.abs(np.asarray(matched(x, offset)[0])).max()) < 1e-5
+    assert float(np.asarray(plain(x, offset)[1]).min()) > 1e-3
+  spot = x.copy()
+  spot[:, 20:24, 20:24] = 1.0
+  maps = np.asarray(scoring.make_score_fn(module, variables, _config(
+      layers=("pixels",), match_mean=True, sigma=0.0))(x, spot)[0])
+  assert maps[:, 20:24, 20:24].mean() > 10 * maps[:, 40:, 40:].max()

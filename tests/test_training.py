@@ -79,6 +79,7 @@ def test_one_step_of_every_stage_through_the_real_loop(tmp_path):
   config.mesh.data = 2  # 2 of the 8 host devices: the tiny batch of 2
   assert tuple(config.stages.order) == ("vae", "teacher_cache", "msd")
   config.stages.vae.num_steps = 1
+  config.stages.vae.scale_per_channel = True
   config.stages.msd.num_steps = 1
   config.data.tile_size, config.data.tile_overlap = 32, 0  # 64 px slabs: 4 tiles each
   mesh_devices = jax.devices()[:2]
@@ -121,8 +122,15 @@ def test_one_step_of_every_stage_through_the_real_loop(tmp_path):
   records = tiles[:config.stages.vae.scale_images]
   images = next(input_pipeline.eval_dataset(records, image_size=config.data.image_size,
                                             global_batch_size=len(records)).as_numpy_iterator())["image"]
-  assert float(final["latent_scale"]) != pytest.approx(config.model.vae.scaling_factor)
-  assert float(np.std(msd_lib.MSD(config).encode(final, images))) == pytest.approx(1.0, rel=1e-3)
+  # scale_by_std per channel: the stored latent scales give every training latent channel unit
+  # variance; one scale for all channels gives the latents as a whole unit variance.
+  model = msd_lib.MSD(config)
+  scale = np.asarray(final["latent_scale"])
+  assert scale.shape == (config.model.unet.in_channels,) and np.ptp(scale) > 0
+  np.testing.assert_allclose(np.std(model.encode(final, images), axis=(0, 1, 2)), 1.0, rtol=1e-3)
+  shared = np.asarray(model.latent_scale_from_data(final, images))
+  np.testing.assert_allclose(shared, shared[0])
+  assert float(np.std(model.encode(dict(final, latent_scale=shared), images))) == pytest.approx(1.0, rel=1e-3)
   cache = os.path.join(workdir, "teacher_cache")
   assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) == len(tiles)
   with open(os.path.join(workdir, "config.json")) as f:

@@ -148,7 +148,8 @@ class MSD:
     sgen = self.sgen.init(k_sgen, image, latent, t, context, latent=latent)["params"]
     sgen = sgen_lib.init_control_from_unet(unet, sgen)  # jit output: buffers not shared
     mgkd = self.mgkd.init(k_mgkd, latent, jnp.ones(latent.shape[:3]))["params"]
-    latent_scale = jnp.asarray(self.config.model.vae.scaling_factor, jnp.float32)
+    latent_scale = jnp.full((self.config.model.unet.in_channels,),
+                            self.config.model.vae.scaling_factor, jnp.float32)  # per channel
     return {"vae": vae, "unet": unet, "sgen": sgen, "mgkd": mgkd, "latent_scale": latent_scale}
 
   # --------------------------------------------------------------------------- autoencoder
@@ -170,12 +171,17 @@ class MSD:
     posterior = self.vae.apply({"params": params["vae"]}, images, method="encode")
     return posterior.mode() * params["latent_scale"]
 
-  def latent_scale_from_data(self, params, images):
+  def latent_scale_from_data(self, params, images, per_channel: bool = False):
     """LDM's `scale_by_std`: 1 / std of the unscaled latents of `images`, so that z0 has unit
     variance and the noise schedule's signal-to-noise ratios (and `t_start`) mean what they say.
-    SD's 0.18215 fits SD's own VAE only; a VAE trained here has latents of another scale."""
-    posterior = self.vae.apply({"params": params["vae"]}, images, method="encode")
-    return 1.0 / jnp.std(posterior.mode())
+    SD's 0.18215 fits SD's own VAE only; a VAE trained here has latents of another scale.
+    `per_channel`: one scale per latent channel, so every channel has unit variance. For a
+    principal-component patch code (model.vae.patch_shortcut) whose first channel (the patch's
+    brightness) holds most of the variance, this weights the fine-texture channels in the
+    diffusion loss as much as the brightness and gives them the same signal-to-noise ratio."""
+    mode = self.vae.apply({"params": params["vae"]}, images, method="encode").mode()
+    std = jnp.std(mode, axis=(0, 1, 2)) if per_channel else jnp.full(mode.shape[-1:], jnp.std(mode))
+    return 1.0 / std
 
   def decode(self, params, z0):
     z = z0 / params["latent_scale"]

@@ -294,8 +294,11 @@ def _training_images(ctx: Context, count: int) -> np.ndarray:
 
 def _with_latent_scale(ctx: Context, params, images):
   """`params` with `latent_scale` = 1 / std of the trained VAE's latents on training `images`."""
-  scale = jax.jit(ctx.model.latent_scale_from_data)(params, images)
-  logging.info("latent scale 1/std of %d training latents: %.5f", len(images), float(scale))
+  per_channel = ctx.config.stages.vae.scale_per_channel
+  scale = jax.jit(functools.partial(ctx.model.latent_scale_from_data, per_channel=per_channel))(
+      params, images)
+  logging.info("latent scale 1/std of %d training latents%s: %s", len(images),
+               " per channel" if per_channel else "", np.array2string(np.asarray(scale), precision=4))
   return dict(params, latent_scale=scale)
 
 
