@@ -48,8 +48,9 @@ def spec(size: int, batch: int) -> dict:
            num_steps=10, scorer=dict(config.model.scorer.items()))  # 10 DDIM steps, always
   s["vae"] = {k: tuple(v) if isinstance(v, list) else v for k, v in s["vae"].items()
               if k not in ("dtype", "patch_shortcut", "deep")}  # diffusers' architecture, as the reference
-  s["scorer"]["input_scale"] = 1.0  # the reference scores at the input's size (256 px here)
-  s["scorer"]["distance"] = "cosine"  # the reference implements the paper's 1 - cos
+  # the reference implements the paper's scorer: 1 - cos at the backbone layers, sigma 4, at the
+  # input's size (256 px here), without the demo's pixels layer and matched mean
+  s["scorer"].update(layers=LAYERS, sigma=4.0, input_scale=1.0, distance="cosine", match_mean=False)
   return s
 
 
