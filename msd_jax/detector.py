@@ -110,9 +110,10 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
   function per batch, with the rng fixed by `config.seed` so results repeat.
 
   A whitened scorer (msd_jax.scoring) uses the fit saved with the checkpoint; with `refit`, or
-  when none was saved for the scorer's layers, it is fitted anew on `fit_batches()`, an iterable of (images, valid)
-  batches of defect-free training images (what eval.py does when an ablation changes the
-  reconstruction or the scorer layers).
+  when none was saved for the scorer's layers, it is fitted anew on `fit_batches()`, an
+  iterable of (images, valid) batches of defect-free training images (what eval.py does when an
+  ablation changes the reconstruction or the scorer layers). A fit for other layers also drops
+  the saved thresholds, which were chosen with that other scorer.
   """
   params, meta = _restore_best(config, workdir)
   model = msd_lib.MSD(config)
@@ -132,6 +133,7 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
     maps, scores = score(variables, x_ref, x_hat, whitening)
     return {"maps": maps, "scores": scores, "reconstructions": x_hat}
 
+  thresholds = meta.get("thresholds")
   whitening = None
   if scoring.uses_whitening(config.model.scorer):
     saved = meta.get("whitening")
@@ -149,10 +151,9 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
       whitening = scoring.fit_whitening(
           moments, ((*pair(params, images), valid) for images, valid in fit_batches()),
           config.model.scorer.whitening_shrinkage)
-      if not fits:  # the saved thresholds were chosen with another scorer
-        meta = dict(meta, thresholds=None)
+      if not fits:
+        thresholds = None
 
-  thresholds = meta.get("thresholds")
   return LoadedModel(
       predict_fn=lambda images: jax.device_get(predict(params, variables, images, whitening)),
       image_size=int(config.data.image_size),

@@ -223,7 +223,8 @@ def test_pixels_layer_resolves_a_one_pixel_change_and_stays_out_of_the_perceptua
   assert fx["s4"].shape[1:3] == (16, 16)
   x_hat = x.copy()
   x_hat[0, 30, 40] = -x_hat[0, 30, 40]
-  maps = np.asarray(scoring.make_score_fn(module, variables, _config(layers=("pixels",), sigma=0.0))(x, x_hat)[0])
+  pixels_only = scoring.make_score_fn(module, variables, _config(layers=("pixels",), sigma=0.0))
+  maps = np.asarray(pixels_only(x, x_hat)[0])
   assert np.argwhere(maps[0] > 0).tolist() == [[30, 40]] and maps[1].max() == 0
   config = _config(layers=("pixels", "s4", "s8", "s16"))
   y = _images(1)
