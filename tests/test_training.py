@@ -41,6 +41,24 @@ def test_frozen_groups_and_ema():
   assert int(new.step) == 1
 
 
+def test_learning_rate_schedules():
+  constant = optim.learning_rate_schedule(1e-3, 10)
+  cosine = optim.learning_rate_schedule(1e-3, 10, "cosine", 110)
+  for schedule in (constant, cosine):
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+  assert float(constant(110)) == pytest.approx(1e-3)
+  assert float(cosine(60)) == pytest.approx(5e-4)  # half way through the decay
+  assert float(cosine(110)) == pytest.approx(0.0, abs=1e-12)
+  values = [float(cosine(t)) for t in range(10, 111)]
+  assert all(a >= b for a, b in zip(values, values[1:]))
+  with pytest.raises(ValueError, match="num_steps"):
+    optim.learning_rate_schedule(1e-3, 10, "cosine", 10)
+  with pytest.raises(ValueError, match="unknown learning-rate decay"):
+    optim.learning_rate_schedule(1e-3, 10, "linear", 100)
+
+
 def test_config_validation_fails_before_compiling(tmp_path):
   mesh = parallel.make_mesh(get_config("tiny").mesh)
   config = get_config("tiny")

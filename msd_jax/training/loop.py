@@ -257,9 +257,11 @@ def _train(ctx: Context, stage: str, state, loss_fn: Callable, labels, tx, lr_sc
 def _stage_state(ctx: Context, stage_config, params, rng):
   labels = optim.param_labels(params, stage_config.trainable)
   lr = stage_config.get("learning_rate", ctx.config.train.learning_rate)
-  tx = optim.make_optimizer(ctx.config.train, labels, lr)
-  state = state_lib.create_train_state(params, tx, rng, use_ema=ctx.config.train.ema_decay > 0)
-  return state, labels, tx, optim.learning_rate_schedule(lr, ctx.config.train.warmup_steps)
+  train = ctx.config.train
+  tx = optim.make_optimizer(train, labels, lr, stage_config.num_steps)
+  state = state_lib.create_train_state(params, tx, rng, use_ema=train.ema_decay > 0)
+  return state, labels, tx, optim.learning_rate_schedule(
+      lr, train.warmup_steps, train.lr_decay, stage_config.num_steps)
 
 
 def vae_stage(ctx: Context, params, rng) -> StageResult:

@@ -36,16 +36,27 @@ def param_labels(params, trainable: Sequence[str]):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def learning_rate_schedule(learning_rate: float, warmup_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then constant (as in the paper)."""
+def learning_rate_schedule(learning_rate: float, warmup_steps: int, decay: str = "constant",
+                           num_steps: int = 0) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then `decay`: constant (the
+  paper) or cosine, reaching 0 at `num_steps`."""
+  if decay == "cosine":
+    if num_steps <= warmup_steps:
+      raise ValueError(f"cosine decay needs num_steps ({num_steps}) > warmup_steps ({warmup_steps})")
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, num_steps, 0.0)
+  if decay != "constant":
+    raise ValueError(f"unknown learning-rate decay {decay!r}; use 'constant' or 'cosine'")
   if warmup_steps <= 0:
     return optax.constant_schedule(learning_rate)
   return optax.linear_schedule(0.0, learning_rate, warmup_steps)
 
 
-def make_optimizer(train_config, labels, learning_rate: float) -> optax.GradientTransformation:
-  """Adam (b1, b2 from the config) with clipping, applied to the TRAINED leaves of `labels`."""
-  schedule = learning_rate_schedule(learning_rate, train_config.warmup_steps)
+def make_optimizer(train_config, labels, learning_rate: float,
+                   num_steps: int = 0) -> optax.GradientTransformation:
+  """Adam (b1, b2 from the config) with clipping, applied to the TRAINED leaves of `labels`;
+  `num_steps` is the stage's length, for a decaying schedule."""
+  schedule = learning_rate_schedule(learning_rate, train_config.warmup_steps,
+                                    train_config.get("lr_decay", "constant"), num_steps)
   trained = [optax.adam(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2)]
   if train_config.grad_clip_norm > 0:
     trained.insert(0, optax.clip_by_global_norm(train_config.grad_clip_norm))
