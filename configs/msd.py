@@ -208,7 +208,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.train.batch_size = {"full": 12, "small": 8, "tiny": 2, "demo": 8}[variant]
   config.train.learning_rate = {"full": 1e-5, "small": 1e-4, "tiny": 1e-3, "demo": 3e-4}[variant]
   config.train.warmup_steps = {"full": 500, "small": 200, "tiny": 0, "demo": 20}[variant]
-  config.train.lr_decay = "constant"  # after warmup: constant (the paper) | cosine (to 0 at the stage's end)
+  # after warmup: constant (the paper) | cosine (to 0 at the end of each stage)
+  config.train.lr_decay = "constant"
   config.train.grad_clip_norm = 1.0  # global norm of the trained leaves; 0 = off
   config.train.adam_b1 = 0.9
   config.train.adam_b2 = 0.999

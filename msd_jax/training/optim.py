@@ -42,7 +42,8 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int, decay: str =
   paper) or cosine, reaching 0 at `num_steps`."""
   if decay == "cosine":
     if num_steps <= warmup_steps:
-      raise ValueError(f"cosine decay needs num_steps ({num_steps}) > warmup_steps ({warmup_steps})")
+      raise ValueError(
+          f"cosine decay needs num_steps ({num_steps}) > warmup_steps ({warmup_steps})")
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, num_steps, 0.0)
   if decay != "constant":
     raise ValueError(f"unknown learning-rate decay {decay!r}; use 'constant' or 'cosine'")
