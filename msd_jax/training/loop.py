@@ -260,8 +260,7 @@ def _stage_state(ctx: Context, stage_config, params, rng):
   train = ctx.config.train
   tx = optim.make_optimizer(train, labels, lr, stage_config.num_steps)
   state = state_lib.create_train_state(params, tx, rng, use_ema=train.ema_decay > 0)
-  return state, labels, tx, optim.learning_rate_schedule(
-      lr, train.warmup_steps, train.get("lr_decay", "constant"), stage_config.num_steps)
+  return state, labels, tx, optim.schedule_from_config(train, lr, stage_config.num_steps)
 
 
 def vae_stage(ctx: Context, params, rng) -> StageResult:

@@ -52,12 +52,18 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int, decay: str =
   return optax.linear_schedule(0.0, learning_rate, warmup_steps)
 
 
+def schedule_from_config(train_config, learning_rate: float, num_steps: int = 0) -> optax.Schedule:
+  """`learning_rate_schedule` with the warmup and decay of `config.train`; `num_steps` is the
+  stage's length, for a decaying schedule."""
+  return learning_rate_schedule(learning_rate, train_config.warmup_steps,
+                                train_config.get("lr_decay", "constant"), num_steps)
+
+
 def make_optimizer(train_config, labels, learning_rate: float,
                    num_steps: int = 0) -> optax.GradientTransformation:
-  """Adam (b1, b2 from the config) with clipping, applied to the TRAINED leaves of `labels`;
-  `num_steps` is the stage's length, for a decaying schedule."""
-  schedule = learning_rate_schedule(learning_rate, train_config.warmup_steps,
-                                    train_config.get("lr_decay", "constant"), num_steps)
+  """Adam (b1, b2 from the config) with clipping, applied to the TRAINED leaves of `labels`,
+  on `schedule_from_config`."""
+  schedule = schedule_from_config(train_config, learning_rate, num_steps)
   trained = [optax.adam(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2)]
   if train_config.grad_clip_norm > 0:
     trained.insert(0, optax.clip_by_global_norm(train_config.grad_clip_norm))
