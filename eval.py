@@ -37,6 +37,9 @@ _REFERENCE = flags.DEFINE_enum("reference", None, ["input", "autoencoder"],
                                 "What x_hat is compared with (model.scorer.reference).")
 _DISTANCE = flags.DEFINE_enum("distance", None, ["cosine", "whitened"],
                                "Feature distance of the scorer (model.scorer.distance).")
+_LOCAL_CONTRAST = flags.DEFINE_float(
+    "local_contrast", None, "Background sigma of the local-peak image score in pixels, 0 = the "
+    "map's score alone (model.scorer.local_contrast).")
 _NUM_BINS = flags.DEFINE_integer("num_bins", None, "Binned pixel metrics (large test sets).")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"],
                            "val: choose ablation settings on validation (report in DIR/eval_val/).")
@@ -44,7 +47,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def apply_overrides(config, t_start=None, num_steps=None, layers=None, sigma=None,
-                    reference=None, distance=None):
+                    reference=None, distance=None, local_contrast=None):
   """The ablation flags written into the config (unlocked copy semantics kept by the caller)."""
   if t_start is not None:
     config.diffusion.t_start = t_start
@@ -58,6 +61,8 @@ def apply_overrides(config, t_start=None, num_steps=None, layers=None, sigma=Non
     config.model.scorer.reference = reference
   if distance is not None:
     config.model.scorer.distance = distance
+  if local_contrast is not None:
+    config.model.scorer.local_contrast = local_contrast
   return config
 
 
@@ -187,7 +192,7 @@ def main(argv):
   del argv
   config = _CONFIG.value or detector_lib.load_config(_WORKDIR.value)
   overrides = (_T_START.value, _NUM_STEPS.value, _LAYERS.value, _SIGMA.value,
-               _REFERENCE.value, _DISTANCE.value)
+               _REFERENCE.value, _DISTANCE.value, _LOCAL_CONTRAST.value)
   config = apply_overrides(config, *overrides)
   metrics, out_dir = run_eval(config, _WORKDIR.value, num_bins=_NUM_BINS.value,
                               saved_thresholds=all(v is None for v in overrides),

@@ -109,11 +109,11 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
   (partial noising to `config.diffusion.t_start`, DDIM steps, decode) and scoring in one jitted
   function per batch, with the rng fixed by `config.seed` so results repeat.
 
-  A whitened scorer (msd_jax.scoring) uses the fit saved with the checkpoint; with `refit`, or
-  when none was saved for the scorer's layers, it is fitted anew on `fit_batches()`, an
-  iterable of (images, valid) batches of defect-free training images (what eval.py does when an
-  ablation changes the reconstruction or the scorer layers). A fit for other layers also drops
-  the saved thresholds, which were chosen with that other scorer.
+  A whitened scorer and a combined image score (msd_jax.scoring) use the fits saved with the
+  checkpoint; with `refit`, or when none was saved for this scorer, they are fitted anew on
+  `fit_batches()`, an iterable of (images, valid) batches of defect-free training images (what
+  eval.py does when an ablation changes the reconstruction or the scorer). A fit for another
+  scorer also drops the saved thresholds, which were chosen with that other scorer.
   """
   params, meta = _restore_best(config, workdir)
   model = msd_lib.MSD(config)
@@ -121,6 +121,7 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
   reference = model.scoring_reference if meta["stage"] == "msd" else lambda params, x: x
   module, variables = scorer_lib.build_scorer(config.model.scorer)
   score = scoring.make_score_fn(module, variables, config.model.scorer).func
+  score_parts = scoring.make_score_fn(module, variables, config.model.scorer, parts=True)
   key = jax.random.PRNGKey(config.seed)
 
   @jax.jit
@@ -128,34 +129,41 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
     return reference(params, images), reconstruct(params, images, key)
 
   @jax.jit
-  def predict(params, variables, images, whitening):
+  def predict(params, variables, images, whitening, score_norm):
     x_ref, x_hat = pair(params, images)
-    maps, scores = score(variables, x_ref, x_hat, whitening)
+    maps, scores = score(variables, x_ref, x_hat, whitening, score_norm)
     return {"maps": maps, "scores": scores, "reconstructions": x_hat}
 
   thresholds = meta.get("thresholds")
-  whitening = None
-  if scoring.uses_whitening(config.model.scorer):
-    saved = meta.get("whitening")
-    fits = saved is not None and set(saved) == set(config.model.scorer.layers)
-    if not refit and fits:
-      whitening = scoring.whitening_from_json(saved)
-    elif fit_batches is None:
-      why = ("a refit was asked" if refit else "the checkpoint carries no whitening fit" if
-             saved is None else f"its whitening fit is for the layers {sorted(saved)}")
-      raise ValueError(f"{workdir}: the scorer's distance is 'whitened' and {why}, but no "
-                       "training batches were given to fit it on (eval.py fits it on the "
-                       "training split)")
-    else:
+  whitened = scoring.uses_whitening(config.model.scorer)
+  normed = scoring.uses_score_norm(config.model.scorer)
+  saved = meta.get("whitening")
+  problem = ("the checkpoint carries no whitening fit" if whitened and saved is None else
+             f"its whitening fit is for the layers {sorted(saved)}" if whitened and
+             set(saved) != set(config.model.scorer.layers) else
+             "the checkpoint carries no image-score normalisation" if normed and
+             meta.get("score_norm") is None else None)
+  whitening = scoring.whitening_from_json(saved) if whitened and problem is None else None
+  score_norm = (scoring.score_norm_from_json(meta["score_norm"]) if normed and problem is None
+                else None)
+  if (whitened or normed) and (refit or problem):
+    if fit_batches is None:
+      raise ValueError(f"{workdir}: the scorer needs fits on training images and "
+                       f"{'a refit was asked' if refit else problem}, but no training batches "
+                       "were given to fit them on (eval.py fits them on the training split)")
+    pairs = [(*pair(params, images), valid) for images, valid in fit_batches()]
+    if whitened:
       moments = scoring.make_moments_fn(module, variables, config.model.scorer)
-      whitening = scoring.fit_whitening(
-          moments, ((*pair(params, images), valid) for images, valid in fit_batches()),
-          config.model.scorer.whitening_shrinkage)
-      if not fits:
-        thresholds = None
+      whitening = scoring.fit_whitening(moments, pairs, config.model.scorer.whitening_shrinkage)
+    if normed:
+      score_norm = scoring.fit_score_norm(
+          lambda x_ref, x_hat, valid: (score_parts(x_ref, x_hat, whitening)[1], valid), pairs)
+    if problem:
+      thresholds = None
 
   return LoadedModel(
-      predict_fn=lambda images: jax.device_get(predict(params, variables, images, whitening)),
+      predict_fn=lambda images: jax.device_get(
+          predict(params, variables, images, whitening, score_norm)),
       image_size=int(config.data.image_size),
       batch_size=int(config.eval.batch_size),
       thresholds=None if thresholds is None else {k: float(thresholds[k]) for k in

@@ -32,6 +32,12 @@ scoring (a brightness or colour offset of the whole reconstruction is not a defe
 covering a tenth of the image loses a tenth of its residual), and the layer name `pixels` in
 `layers` adds the images themselves as a stride-1 layer, so defects of one or two pixels, which
 a stride-4 backbone map barely resolves, count. `feature_loss` uses the backbone layers only.
+
+`local_contrast` > 0 adds a second image score, that of the map minus its Gaussian background of
+that many pixels (the map's local peaks): a small defect is a peak over its own surroundings,
+while the residual of a texture the model does not reproduce exactly is high all over the
+image. Each score is z-scored on defect-free training images (`fit_score_norm`) and the image
+score is the larger z.
 """
 import functools
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -164,6 +170,48 @@ def image_score(m, pool_size: int, border_margin: int = 0) -> jax.Array:
   return jnp.max(m, axis=(1, 2))
 
 
+def uses_score_norm(config) -> bool:
+  """Whether `config.model.scorer` combines several image scores (and so needs `fit_score_norm`)."""
+  return config.get("local_contrast", 0.0) > 0
+
+
+def score_parts(m, config) -> jax.Array:
+  """[B, k] image scores of smoothed maps [B, H, W]: the map's, and with `local_contrast` > 0 that
+  of the map minus its Gaussian background."""
+  parts = [image_score(m, config.pool_size, config.border_margin)]
+  if uses_score_norm(config):
+    peaks = m - smooth(m, config.local_contrast)
+    parts.append(image_score(peaks, config.pool_size, config.border_margin))
+  return jnp.stack(parts, axis=-1)
+
+
+def combine_scores(parts, score_norm: Mapping[str, jax.Array]) -> jax.Array:
+  """[B, k] -> [B]: the largest part after z-scoring with `fit_score_norm`'s mean and std."""
+  return jnp.max((parts - score_norm["mean"]) / score_norm["std"], axis=-1)
+
+
+def fit_score_norm(parts_fn: Callable, batches: Iterable) -> dict:
+  """Mean and std of each image-score part over the valid images of `parts_fn(*batch) ->
+  (parts [B, k], valid [B])`, for `combine_scores`."""
+  rows = []
+  for batch in batches:
+    parts, valid = jax.device_get(parts_fn(*batch))
+    rows.append(np.asarray(parts, np.float64)[np.asarray(valid, bool)])
+  parts = np.concatenate(rows) if rows else np.zeros((0, 0))
+  if len(parts) < 2:
+    raise ValueError(f"fit_score_norm: needs at least 2 images, got {len(parts)}")
+  return {"mean": parts.mean(0).astype(np.float32),
+          "std": np.maximum(parts.std(0), 1e-12).astype(np.float32)}
+
+
+def score_norm_to_json(score_norm: Mapping) -> dict:
+  return {k: np.asarray(v).tolist() for k, v in score_norm.items()}
+
+
+def score_norm_from_json(data: Mapping) -> dict:
+  return {k: np.asarray(data[k], np.float32) for k in ("mean", "std")}
+
+
 PIXELS = "pixels"  # the layer name of the (preprocessed) images themselves, stride 1
 
 
@@ -237,18 +285,20 @@ def make_moments_fn(module, variables, config):
   return functools.partial(moments, variables)
 
 
-def make_score_fn(module, variables, config):
-  """Jitted `f(x, x_hat, whitening=None) -> (maps [B, H, W], scores [B])` for
+def make_score_fn(module, variables, config, parts: bool = False):
+  """Jitted `f(x, x_hat, whitening=None, score_norm=None) -> (maps [B, H, W], scores [B])` for
   `config.model.scorer`.
 
   x and x_hat are [B, H, W, 3] in [-1, 1]; both go through the backbone in one batch.
-  `whitening` (from `fit_whitening`) is required when the scorer's distance is "whitened".
+  `whitening` (from `fit_whitening`) is required when the scorer's distance is "whitened",
+  `score_norm` (from `fit_score_norm`) when it combines image scores (`local_contrast`). With
+  `parts`, the scores are the uncombined `score_parts` [B, k] instead.
   """
   layers = tuple(config.layers)
   whitened = uses_whitening(config)
 
   @jax.jit
-  def score(variables, x, x_hat, whitening=None):
+  def score(variables, x, x_hat, whitening=None, score_norm=None):
     hw = x.shape[1:3]
     if config.get("match_mean", False):
       x_hat = matched_mean(x, x_hat)
@@ -263,6 +313,15 @@ def make_score_fn(module, variables, config):
     else:
       raise ValueError(f"unknown map_type {config.map_type!r}; use 'feature' or 'pixel'")
     m = smooth(m, config.sigma)
-    return m, image_score(m, config.pool_size, config.border_margin)
+    scores = score_parts(m, config)
+    if parts:
+      return m, scores
+    if not uses_score_norm(config):
+      return m, scores[:, 0]
+    if score_norm is None:
+      raise ValueError("the scorer combines image scores (local_contrast > 0) but no score_norm "
+                       "was given; fit it with scoring.fit_score_norm on defect-free training "
+                       "images")
+    return m, combine_scores(scores, score_norm)
 
   return functools.partial(score, variables)

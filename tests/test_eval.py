@@ -97,9 +97,10 @@ def test_evaluate_split_end_to_end(eval_main, tmp_path):
   """The real eval path (test split from the synthetic tiny data, tf.data stream, metrics,
   report) with a cheap model injected; the saved maps reproduce metrics.json."""
   config = eval_main.apply_overrides(get_config("tiny"), t_start=499, num_steps=3,
-                                     layers=["s4", "s8"], sigma=2.0, reference="input")
+                                     layers=["s4", "s8"], sigma=2.0, reference="input",
+                                     local_contrast=0.0)
   assert config.diffusion.t_start == 499 and config.model.scorer.layers == ("s4", "s8")
-  assert config.model.scorer.reference == "input"
+  assert config.model.scorer.reference == "input" and config.model.scorer.local_contrast == 0.0
   splits = datasets.load_splits(config.data, default_root=str(tmp_path / "data"))
   test = splits["test"]
   out = tmp_path / "eval"
@@ -172,6 +173,7 @@ def test_eval_on_trained_checkpoint(eval_main, trained_workdir):
   assert saved["thresholds"] == pytest.approx(meta["thresholds"])
   assert saved["info"]["checkpoint"] == "msd step 1"
   assert sorted(meta["whitening"]) == sorted(config.model.scorer.layers)
+  assert config.model.scorer.local_contrast > 0 and len(meta["score_norm"]["std"]) == 2
   types = sorted({r.defect_type for r in test if r.label})
   for name in [f"grid_{t}.png" for t in types] + ["grid_good.png", "roc_pr.png",
                                                   "score_histogram.png", "index.html"]:

@@ -19,6 +19,7 @@ def backbone():
 def _config(**overrides):
   config = get_config("tiny").model.scorer
   config.layers = ("s4", "s8", "s16")
+  config.local_contrast = 0.0
   for k, v in overrides.items():
     setattr(config, k, v)
   return config
@@ -81,6 +82,53 @@ def test_smooth_matches_scipy_gaussian_filter():
     want = ndimage.gaussian_filter(m, (0, sigma, sigma), mode="reflect", truncate=4.0)
     np.testing.assert_allclose(scoring.smooth(jnp.asarray(m), sigma), want, atol=1e-5)
   np.testing.assert_array_equal(scoring.smooth(jnp.asarray(m), 0.0), m)
+
+
+def test_local_contrast_scores_the_maps_local_peaks_z_scored_on_normal_maps():
+  """The second image score is that of the map minus its Gaussian background (as scipy's
+  reflect-mode filter); z-scored on texture-like normal maps, a single small peak on a quiet
+  map outranks a uniformly high texture map, which the plain score ranks first."""
+  rng = np.random.default_rng(0)
+  config = _config(local_contrast=4.0, pool_size=2)
+  m = rng.random((2, 32, 32)).astype(np.float32)
+  parts = np.asarray(scoring.score_parts(jnp.asarray(m), config))
+  peaks = m - ndimage.gaussian_filter(m, (0, 4, 4), mode="reflect")
+  np.testing.assert_allclose(parts[:, 0], scoring.image_score(jnp.asarray(m), 2), rtol=1e-6)
+  np.testing.assert_allclose(parts[:, 1], scoring.image_score(jnp.asarray(peaks), 2), rtol=1e-5,
+                             atol=1e-6)
+  assert scoring.score_parts(jnp.asarray(m), _config(pool_size=2)).shape == (2, 1)
+
+  level = rng.uniform(0.5, 1.5, (16, 1, 1))  # defect-free maps: texture residual of any level
+  normal = (level * (1 + 0.2 * rng.standard_normal((16, 32, 32)))).astype(np.float32)
+  norm = scoring.fit_score_norm(lambda maps: (scoring.score_parts(maps, config), np.ones(16)),
+                                [(jnp.asarray(normal),)])
+  quiet_with_peak = np.full((32, 32), 0.5, np.float32)
+  quiet_with_peak[10:12, 20:22] = 2.0
+  textured = (2.0 * (1 + 0.2 * rng.standard_normal((32, 32)))).astype(np.float32)
+  both = jnp.asarray(np.stack([quiet_with_peak, textured]))
+  plain = np.asarray(scoring.image_score(both, 2))
+  combined = np.asarray(scoring.combine_scores(scoring.score_parts(both, config), norm))
+  assert plain[0] < plain[1] and combined[0] > combined[1]
+  with pytest.raises(ValueError, match="at least 2 images"):
+    scoring.fit_score_norm(lambda maps: (scoring.score_parts(maps, config), np.ones(1)),
+                           [(both[:1],)])
+  restored = scoring.score_norm_from_json(scoring.score_norm_to_json(norm))
+  np.testing.assert_array_equal(restored["std"], norm["std"])
+
+
+def test_score_fn_combines_parts_with_the_fitted_norm(backbone):
+  module, variables = backbone
+  config = _config(local_contrast=2.0)
+  x = _images()
+  x_hat = _images(seed=1)
+  maps, parts = scoring.make_score_fn(module, variables, config, parts=True)(x, x_hat)
+  norm = {"mean": np.array([0.1, 0.0], np.float32), "std": np.array([2.0, 0.5], np.float32)}
+  maps2, scores = scoring.make_score_fn(module, variables, config)(x, x_hat, None, norm)
+  np.testing.assert_allclose(maps2, maps)
+  np.testing.assert_allclose(scores, np.max((np.asarray(parts) - norm["mean"]) / norm["std"], -1),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="no score_norm"):
+    scoring.make_score_fn(module, variables, config)(x, x_hat)
 
 
 def test_image_score_is_max_of_average_pool_and_border_margin_drops_edges():

@@ -139,17 +139,19 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
   Reconstruction (`reconstruct(params, images, rng)`, jitted on the mesh) then the scorer's
   maps and image scores against `reference(params, images)` (default: the images); image and
   pixel AUROC, and the F1-optimal thresholds. Uses the EMA weights when kept. A whitened scorer
-  (msd_jax.scoring) is first fitted on the reconstructions of the first
-  `model.scorer.whitening_images` training images; the fit is saved with the checkpoint.
+  and a combined image score (msd_jax.scoring) are first fitted on the reconstructions of the
+  first `model.scorer.whitening_images` training images; the fits are saved with the checkpoint.
   """
   config, mesh = ctx.config, ctx.mesh
   records = ctx.splits["val"]
   module, variables = ctx.model.scorer  # the perceptual terms' scorer, built once
   score = scoring.make_score_fn(module, variables, config.model.scorer)
+  score_parts = scoring.make_score_fn(module, variables, config.model.scorer, parts=True)
   recon = jax.jit(lambda params, x, rng: (
       x if reference is None else reference(params, x), reconstruct(params, x, rng)),
                   out_shardings=parallel.batch_sharding(mesh))
   whitened = scoring.uses_whitening(config.model.scorer)
+  normed = scoring.uses_score_norm(config.model.scorer)
   moments = jax.jit(scoring.make_moments_fn(module, variables, config.model.scorer),
                     out_shardings=parallel.replicated(mesh))
 
@@ -158,21 +160,28 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
                                         global_batch_size=config.eval.batch_size,
                                         sharding=parallel.batch_sharding(mesh))
 
-  def fit_whitening(params, rng):
+  def fit_scorer(params, rng):
+    """(whitening, score_norm), each None when the scorer does not use it."""
+    if not (whitened or normed):
+      return None, None
     fit_records = ctx.splits["train"][:config.model.scorer.whitening_images]
-    return scoring.fit_whitening(
-        moments, ((*recon(params, b["image"], rng), b["valid"]) for b in batches(fit_records)),
-        config.model.scorer.whitening_shrinkage)
+    pairs = [(*recon(params, b["image"], rng), b["valid"]) for b in batches(fit_records)]
+    whitening = (scoring.fit_whitening(moments, pairs, config.model.scorer.whitening_shrinkage)
+                 if whitened else None)
+    score_norm = scoring.fit_score_norm(
+        lambda x_ref, x_hat, valid: (_gather(score_parts(x_ref, x_hat, whitening)[1]),
+                                     _gather(valid)), pairs) if normed else None
+    return whitening, score_norm
 
   def validate(state, step):
     params = state.ema_params if state.ema_params is not None else state.params
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
-    whitening = fit_whitening(params, rng) if whitened else None
+    whitening, score_norm = fit_scorer(params, rng)
     rows = {k: [] for k in ("image", "x_hat", "map", "score", "label", "mask", "index",
                             "valid")}
     for batch in batches(records):
       x_ref, x_hat = recon(params, batch["image"], rng)
-      maps, scores = score(x_ref, x_hat, whitening)
+      maps, scores = score(x_ref, x_hat, whitening, score_norm)
       for k, v in (("image", batch["image"]), ("x_hat", x_hat), ("map", maps), ("score", scores),
                    ("label", batch["label"]), ("mask", batch["mask"]), ("index", batch["index"]),
                    ("valid", batch["valid"])):
@@ -197,6 +206,8 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
     extras = {"thresholds": thresholds, "val_metrics": val}
     if whitened:
       extras["whitening"] = scoring.whitening_to_json(whitening)
+    if normed:
+      extras["score_norm"] = scoring.score_norm_to_json(score_norm)
     return val, extras
 
   return validate
