@@ -49,8 +49,9 @@ def spec(size: int, batch: int) -> dict:
   s["vae"] = {k: tuple(v) if isinstance(v, list) else v for k, v in s["vae"].items()
               if k not in ("dtype", "patch_shortcut", "deep")}  # diffusers' architecture, as the reference
   # the reference implements the paper's scorer: 1 - cos at the backbone layers, sigma 4, at the
-  # input's size (256 px here), without the demo's pixels layer and matched mean
-  s["scorer"].update(layers=LAYERS, sigma=4.0, input_scale=1.0, distance="cosine", match_mean=False)
+  # input's size (256 px here), without the demo's pixels layer, matched mean and local-peak score
+  s["scorer"].update(layers=LAYERS, sigma=4.0, input_scale=1.0, distance="cosine", match_mean=False,
+                     local_contrast=0.0)
   return s
 
 
