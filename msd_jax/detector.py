@@ -120,7 +120,6 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
   reconstruct = getattr(model, RECONSTRUCTORS[meta["stage"]])
   reference = model.scoring_reference if meta["stage"] == "msd" else lambda params, x: x
   module, variables = scorer_lib.build_scorer(config.model.scorer)
-  score = scoring.make_score_fn(module, variables, config.model.scorer).func
   score_parts = scoring.make_score_fn(module, variables, config.model.scorer, parts=True)
   key = jax.random.PRNGKey(config.seed)
 
@@ -131,18 +130,21 @@ def load_model(config, workdir: str, fit_batches: Optional[Callable[[], Iterable
   @jax.jit
   def predict(params, variables, images, whitening, score_norm):
     x_ref, x_hat = pair(params, images)
-    maps, scores = score(variables, x_ref, x_hat, whitening, score_norm)
+    maps, parts = score_parts.func(variables, x_ref, x_hat, whitening)
+    scores = scoring.image_scores(parts, config.model.scorer, score_norm)
     return {"maps": maps, "scores": scores, "reconstructions": x_hat}
 
   thresholds = meta.get("thresholds")
   whitened = scoring.uses_whitening(config.model.scorer)
   normed = scoring.uses_score_norm(config.model.scorer)
   saved = meta.get("whitening")
-  problem = ("the checkpoint carries no whitening fit" if whitened and saved is None else
-             f"its whitening fit is for the layers {sorted(saved)}" if whitened and
-             set(saved) != set(config.model.scorer.layers) else
-             "the checkpoint carries no image-score normalisation" if normed and
-             meta.get("score_norm") is None else None)
+  problem = None  # why the saved fits cannot serve this scorer
+  if whitened and saved is None:
+    problem = "the checkpoint carries no whitening fit"
+  elif whitened and set(saved) != set(config.model.scorer.layers):
+    problem = f"its whitening fit is for the layers {sorted(saved)}"
+  elif normed and meta.get("score_norm") is None:
+    problem = "the checkpoint carries no image-score normalisation"
   whitening = scoring.whitening_from_json(saved) if whitened and problem is None else None
   score_norm = (scoring.score_norm_from_json(meta["score_norm"]) if normed and problem is None
                 else None)

@@ -190,6 +190,18 @@ def combine_scores(parts, score_norm: Mapping[str, jax.Array]) -> jax.Array:
   return jnp.max((parts - score_norm["mean"]) / score_norm["std"], axis=-1)
 
 
+def image_scores(parts, config, score_norm: Optional[Mapping[str, jax.Array]] = None):
+  """[B, k] `score_parts` -> [B] image scores: the map's alone, or with `local_contrast` > 0 the
+  parts combined with `score_norm` (required then)."""
+  if not uses_score_norm(config):
+    return parts[:, 0]
+  if score_norm is None:
+    raise ValueError("the scorer combines image scores (local_contrast > 0) but no score_norm "
+                     "was given; fit it with scoring.fit_score_norm on defect-free training "
+                     "images")
+  return combine_scores(parts, score_norm)
+
+
 def fit_score_norm(parts_fn: Callable, batches: Iterable) -> dict:
   """Mean and std of each image-score part over the valid images of `parts_fn(*batch) ->
   (parts [B, k], valid [B])`, for `combine_scores`."""
@@ -314,14 +326,6 @@ def make_score_fn(module, variables, config, parts: bool = False):
       raise ValueError(f"unknown map_type {config.map_type!r}; use 'feature' or 'pixel'")
     m = smooth(m, config.sigma)
     scores = score_parts(m, config)
-    if parts:
-      return m, scores
-    if not uses_score_norm(config):
-      return m, scores[:, 0]
-    if score_norm is None:
-      raise ValueError("the scorer combines image scores (local_contrast > 0) but no score_norm "
-                       "was given; fit it with scoring.fit_score_norm on defect-free training "
-                       "images")
-    return m, combine_scores(scores, score_norm)
+    return m, scores if parts else image_scores(scores, config, score_norm)
 
   return functools.partial(score, variables)

@@ -145,7 +145,7 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
   config, mesh = ctx.config, ctx.mesh
   records = ctx.splits["val"]
   module, variables = ctx.model.scorer  # the perceptual terms' scorer, built once
-  score = scoring.make_score_fn(module, variables, config.model.scorer)
+  # one compiled scorer for the fit and the validation images: maps and uncombined score parts
   score_parts = scoring.make_score_fn(module, variables, config.model.scorer, parts=True)
   recon = jax.jit(lambda params, x, rng: (
       x if reference is None else reference(params, x), reconstruct(params, x, rng)),
@@ -181,7 +181,8 @@ def make_validator(ctx: Context, reconstruct: Callable, stage: str,
                             "valid")}
     for batch in batches(records):
       x_ref, x_hat = recon(params, batch["image"], rng)
-      maps, scores = score(x_ref, x_hat, whitening, score_norm)
+      maps, parts = score_parts(x_ref, x_hat, whitening)
+      scores = scoring.image_scores(parts, config.model.scorer, score_norm)
       for k, v in (("image", batch["image"]), ("x_hat", x_hat), ("map", maps), ("score", scores),
                    ("label", batch["label"]), ("mask", batch["mask"]), ("index", batch["index"]),
                    ("valid", batch["valid"])):
